@@ -1,0 +1,42 @@
+# petl-bench: obvious targets. `make install`, `make test`, `make bench DATASET=msrvtt`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATASET ?= synthetic
+SEEDS ?= 1
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: install test test-slow test-all bench report params synth lint clean
+
+install:  ## create .venv and install the package with its test tools (torch 2.14.1 + torchvision 0.29.1)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+
+test:  ## the fast suite (a few minutes on 2 CPU cores)
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow:  ## the heavier end-to-end tests
+	$(PY) -m pytest -m slow -q
+
+test-all:  ## everything
+	$(PY) -m pytest -q
+
+bench:  ## fit + test every method on $(DATASET); FORCE=1 redoes finished runs; SEEDS=3 for mean ± std
+	$(PY) -m petl_bench.cli bench --dataset $(DATASET) --seeds $(SEEDS) $(if $(FORCE),--force,)
+
+report:  ## rewrite results/$(DATASET)/report.md from the run records
+	$(PY) -m petl_bench.cli report --dataset $(DATASET)
+
+params:  ## trainable / total parameters of every method on ViT-B/32
+	$(PY) -m petl_bench.cli params --backbone ViT-B-32
+
+synth:  ## generate the synthetic clips and the synthetic pre-trained backbone
+	$(PY) -m petl_bench.cli synth
+
+lint:
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf results/*/runs logs .pytest_cache

@@ -1,0 +1,125 @@
+"""The ``petl-bench`` command.
+
+- ``petl-bench fit|validate|test --config ...``: LightningCLI over any method (``model:``), the one DataModule
+  (``data:``) and a Trainer (``trainer:``); frames and words are linked from data to model, the backbone from model to
+  data (tokenizer, frame size). The `RetrievalMetrics` callback is always on (``--metrics.*`` configures it).
+- ``petl-bench run --config ... --result FILE``: fit then test in one process and write the run's record (what
+  `make bench` and sweeps call).
+- ``petl-bench params``, ``synth``, ``bench``, ``report``: see ``petl-bench <command> --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from petl_bench.data.datamodule import RetrievalDataModule
+from petl_bench.metrics import RetrievalMetrics
+from petl_bench.module import RetrievalModule
+
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+class PetlCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(RetrievalMetrics, "metrics")
+        parser.link_arguments("data.num_frames", "model.init_args.num_frames")
+        parser.link_arguments("data.max_words", "model.init_args.max_words")
+        parser.link_arguments("model.init_args.backbone", "data.backbone")
+
+
+def make_cli(args: list[str] | None = None, run: bool = True) -> PetlCLI:
+    return PetlCLI(
+        RetrievalModule, RetrievalDataModule, subclass_mode_model=True, args=args, run=run,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+# ---------------------------------------------------------------------- params
+def params_command(argv: list[str]) -> int:
+    from petl_bench.methods import build_method, method_names
+
+    p = argparse.ArgumentParser(prog="petl-bench params",
+                                description="Trainable and total parameter counts of methods (no data, no weights).")
+    p.add_argument("methods", nargs="*", help="method names (configs/model/<name>.yaml) or YAML paths; default: all")
+    p.add_argument("--backbone", default="ViT-B-32")
+    p.add_argument("--frames", type=int, default=12)
+    p.add_argument("--words", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print a JSON list of {method, backbone, trainable, total}")
+    a = p.parse_args(argv)
+    rows = []
+    for name in a.methods or method_names():
+        model = build_method(name, backbone=a.backbone, pretrained=None, num_frames=a.frames, max_words=a.words)
+        counts = model.parameter_counts()
+        rows.append({"method": name, "backbone": a.backbone, **counts})
+        del model
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"parameters ({a.backbone}, {a.frames} frames, {a.words} words)")
+    for col in ("method", "trainable", "total", "trainable %"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in rows:
+        table.add_row(r["method"], f"{r['trainable']:,}", f"{r['total']:,}", f"{100 * r['trainable'] / r['total']:.3f}")
+    Console().print(table)
+    return 0
+
+
+# ---------------------------------------------------------------------- synth
+def synth_command(argv: list[str]) -> int:
+    from petl_bench.data.synthetic import generate_synthetic
+    from petl_bench.paths import cache_dir
+    from petl_bench.pretrain import synthetic_checkpoint
+
+    p = argparse.ArgumentParser(prog="petl-bench synth",
+                                description="Generate the synthetic clips and the synthetic pre-trained backbone.")
+    p.add_argument("--root", default=None, help="output folder (default: <cache>/synthetic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-backbone", action="store_true", help="only the clips")
+    a = p.parse_args(argv)
+    root = a.root or str(cache_dir() / "synthetic")
+    generate_synthetic(root, seed=a.seed, overwrite=a.overwrite)
+    print(f"synthetic clips: {root}")
+    if not a.no_backbone:
+        print(f"synthetic backbone: {synthetic_checkpoint('petl-tiny-vit')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in TRAINER_COMMANDS:
+        make_cli([command, *rest])
+        return 0
+    if command == "run":
+        from petl_bench.bench.run import run_command
+
+        return run_command(rest)
+    if command == "params":
+        return params_command(rest)
+    if command == "synth":
+        return synth_command(rest)
+    if command == "bench":
+        from petl_bench.bench.run import bench_command
+
+        return bench_command(rest)
+    if command == "report":
+        from petl_bench.bench.report import report_command
+
+        return report_command(rest)
+    print(f"unknown command {command!r}\n{__doc__}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Video decoding and frame sampling: one path from a video file to the uint8 frames every method sees.
+
+Two frame protocols are offered because the papers in this benchmark use both (see DATASETS.md, "Frames"):
+
+- ``"uniform"`` (X-Pool and most recent work; the default): split the clip into ``max_frames`` equal segments and take
+  one frame per segment, a random one in training and the middle one at evaluation.
+- ``"fps"`` (CLIP4Clip): take one frame per second, then thin uniformly to ``max_frames`` when there are more.
+
+Clips shorter than ``max_frames`` give all their frames; `load_video` zero-pads and returns a mask, and the similarity
+heads pool only over real frames.
+
+Decoding uses decord (random access by frame index). Two decord quirks are handled here rather than left to callers:
+it "opens" files that are not videos (a text file reads as one frame), so every file is probed with PyAV first; and
+some output widths (16, 24, 48, 72, ...) make it return 4-channel frames and fail (dmlc/decord#336), so those widths
+are never requested. Resizing is done by torch (bicubic, antialiased, on uint8 — fast); decord only shrinks very
+large frames to twice the target size first, which saves the RGB conversion of full-resolution frames.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+FRAME_PROTOCOLS = ("uniform", "fps")
+
+# Output widths for which decord 0.6.0 returns 4 channels and then fails to copy the batch (dmlc/decord#336). Found by
+# decoding at every width from 2 to 600; widths above 72 all work.
+_DECORD_BROKEN_WIDTHS = frozenset({2, 3, 4, 6, 8, 12, 16, 24, 48, 72})
+
+# decord shrinks a frame before RGB conversion only when its short side exceeds this multiple of the target size:
+# the shrink is bilinear, so torch's bicubic resize still does the last step from at most this multiple.
+_DECORD_SHRINK_FACTOR = 2
+
+
+class VideoDecodeError(RuntimeError):
+    """A video file is missing, is not a video, is truncated or has no frames. The message names the file."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    num_frames: int
+    fps: float
+    width: int
+    height: int
+
+
+def sample_frame_indices(
+    num_frames_in_video: int,
+    fps: float,
+    max_frames: int,
+    protocol: str = "uniform",
+    train: bool = False,
+    rng: np.random.Generator | None = None,
+) -> list[int]:
+    """Choose which frames of a video to decode, in temporal order.
+
+    Args:
+        num_frames_in_video: frames in the video (decord's count).
+        fps: the video's frame rate; used by the ``"fps"`` protocol only.
+        max_frames: the most frames to return.
+        protocol: ``"uniform"`` (equal segments, X-Pool) or ``"fps"`` (1 frame per second then thinned, CLIP4Clip).
+        train: ``"uniform"`` only: a random frame per segment instead of the middle one.
+        rng: the generator for training draws; pass a seeded one for reproducible epochs. ``None`` draws fresh entropy.
+
+    Returns:
+        At most ``max_frames`` increasing frame indices; fewer when the video is short (the caller pads and masks).
+    """
+    if num_frames_in_video < 1:
+        raise ValueError(
+            f"a video needs at least one frame to sample from, got num_frames_in_video={num_frames_in_video}"
+        )
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+    if protocol == "uniform":
+        return _uniform_segment_indices(num_frames_in_video, max_frames, train, rng)
+    if protocol == "fps":
+        return _one_per_second_indices(num_frames_in_video, fps, max_frames)
+    raise ValueError(f"unknown frame protocol {protocol!r}; choose one of {', '.join(FRAME_PROTOCOLS)}")
+
+
+def _uniform_segment_indices(n: int, max_frames: int, train: bool, rng: np.random.Generator | None) -> list[int]:
+    if n <= max_frames:
+        return list(range(n))
+    # Segment k covers frames [starts[k], ends[k]); with n > max_frames every segment holds at least one frame.
+    bounds = np.linspace(0, n, max_frames + 1)
+    starts = np.floor(bounds[:-1]).astype(np.int64)
+    ends = np.floor(bounds[1:]).astype(np.int64)
+    if train:
+        rng = rng if rng is not None else np.random.default_rng()
+        picks = rng.integers(starts, ends)  # high is exclusive
+    else:
+        picks = (starts + ends) // 2
+    return picks.tolist()
+
+
+def _one_per_second_indices(n: int, fps: float, max_frames: int) -> list[int]:
+    if not math.isfinite(fps) or fps <= 0:
+        raise ValueError(
+            f"the 'fps' frame protocol needs a positive frame rate, got fps={fps}; re-encode the video with a valid "
+            "frame rate or use protocol='uniform'"
+        )
+    # The frame shown at each whole second t = 0, 1, 2, ... (no drift for fractional rates such as 29.97).
+    seconds = np.arange(math.ceil(n / fps))
+    per_second = np.unique(np.minimum(np.floor(seconds * fps).astype(np.int64), n - 1))
+    if len(per_second) > max_frames:
+        keep = np.linspace(0, len(per_second) - 1, num=max_frames).astype(np.int64)
+        per_second = per_second[keep]
+    return per_second.tolist()
+
+
+class VideoSource:
+    """One opened video: its frame count and rate, and `read(indices)` giving square uint8 frames.
+
+    Open once, sample, then read: the DataModule and a frame cache share this, so that both see identical pixels.
+    ``image_size=None`` reads frames at their native size (no resize, no crop).
+    """
+
+    def __init__(self, path: str | Path, image_size: int | None, num_threads: int = 1):
+        self.path = Path(path)
+        self.image_size = image_size
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"image_size must be at least 1, got {image_size}")
+        width, height = _probe_dimensions(self.path)
+        decode_width, decode_height = _decode_size(width, height, image_size)
+        import decord
+
+        try:
+            reader = decord.VideoReader(
+                str(self.path), ctx=decord.cpu(0), width=decode_width, height=decode_height, num_threads=num_threads
+            )
+        except (decord.DECORDError, RuntimeError, AssertionError) as err:
+            raise _decode_error(self.path, f"decord cannot open it ({_first_line(err)})") from err
+        num_frames = len(reader)
+        if num_frames < 1:
+            raise _decode_error(self.path, "it has no video frames")
+        self._reader = reader
+        self.info = VideoInfo(num_frames=num_frames, fps=float(reader.get_avg_fps()), width=width, height=height)
+
+    @property
+    def num_frames(self) -> int:
+        return self.info.num_frames
+
+    @property
+    def fps(self) -> float:
+        return self.info.fps
+
+    def read(self, indices: list[int] | None = None) -> torch.Tensor:
+        """Decode frames (all of them when ``indices`` is None) as uint8 ``(len(indices), 3, S, S)``.
+
+        The short side is resized to ``image_size`` (bicubic, antialiased) and the centre square kept.
+        """
+        import decord
+
+        indices = list(range(self.num_frames)) if indices is None else [int(i) for i in indices]
+        if not indices:
+            height, width = (self.info.height, self.info.width) if self.image_size is None else (self.image_size,) * 2
+            return torch.zeros(0, 3, height, width, dtype=torch.uint8)
+        bad = [i for i in indices if not 0 <= i < self.num_frames]
+        if bad:
+            raise IndexError(f"frame indices {bad[:5]} are out of range for {self.path} ({self.num_frames} frames)")
+        try:
+            frames = self._reader.get_batch(indices).asnumpy()
+        except (decord.DECORDError, RuntimeError, AssertionError) as err:
+            raise _decode_error(self.path, f"decoding frames failed ({_first_line(err)})") from err
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise _decode_error(self.path, f"decord returned frames of shape {frames.shape}, expected (N, H, W, 3)")
+        # (N, H, W, 3) -> (N, 3, H, W) as a channels-last view: the layout torch's fast uint8 resize expects.
+        frames = torch.from_numpy(frames).permute(0, 3, 1, 2)
+        if self.image_size is None:
+            return frames.contiguous()
+        return resize_center_crop(frames, self.image_size)
+
+
+def resize_center_crop(frames: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Resize uint8 ``(N, 3, H, W)`` so the short side is ``image_size`` (bicubic, antialiased), then centre-crop.
+
+    This is CLIP's image preprocessing without the normalisation, which happens on the device.
+    """
+    height, width = frames.shape[-2:]
+    if min(height, width) != image_size:
+        scale = image_size / min(height, width)
+        new_height = max(image_size, round(height * scale))
+        new_width = max(image_size, round(width * scale))
+        frames = F.interpolate(frames, size=(new_height, new_width), mode="bicubic", antialias=True)
+        height, width = new_height, new_width
+    top = (height - image_size) // 2
+    left = (width - image_size) // 2
+    return frames[..., top : top + image_size, left : left + image_size].contiguous()
+
+
+def probe_video(path: str | Path) -> VideoInfo:
+    """Frame count, frame rate and native size of a video, without decoding frames."""
+    return VideoSource(path, image_size=None).info
+
+
+def decode_frames(path: str | Path, indices: list[int] | None, image_size: int, num_threads: int = 1) -> torch.Tensor:
+    """Decode the given frames (all when ``indices`` is None) as uint8 ``(N, 3, image_size, image_size)``."""
+    return VideoSource(path, image_size, num_threads=num_threads).read(indices)
+
+
+def load_video(
+    path: str | Path,
+    max_frames: int,
+    image_size: int,
+    protocol: str = "uniform",
+    train: bool = False,
+    rng: np.random.Generator | None = None,
+    num_threads: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample, decode and pad one video.
+
+    Returns:
+        frames: uint8 ``(max_frames, 3, image_size, image_size)``, zero after the last real frame.
+        mask: bool ``(max_frames,)``, True for real frames.
+
+    Raises:
+        VideoDecodeError: the file is missing, not a video, truncated, or has no frames.
+    """
+    source = VideoSource(path, image_size, num_threads=num_threads)
+    try:
+        indices = sample_frame_indices(source.num_frames, source.fps, max_frames, protocol, train=train, rng=rng)
+    except ValueError as err:
+        if protocol not in FRAME_PROTOCOLS:
+            raise
+        raise _decode_error(source.path, str(err)) from err
+    real = source.read(indices)
+    frames = torch.zeros(max_frames, 3, image_size, image_size, dtype=torch.uint8)
+    frames[: len(real)] = real
+    mask = torch.zeros(max_frames, dtype=torch.bool)
+    mask[: len(real)] = True
+    return frames, mask
+
+
+def _probe_dimensions(path: Path) -> tuple[int, int]:
+    """Native (width, height) of the first video stream, read from the container header by PyAV.
+
+    This also rejects files decord would accept by mistake (it reads a text file as a one-frame video).
+    """
+    if not path.exists():
+        raise VideoDecodeError(
+            f"video file not found: {path}. Check the video root and the dataset's file naming, or download the video."
+        )
+    if not path.is_file():
+        raise VideoDecodeError(f"{path} is not a file; expected a video file such as an .mp4.")
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise _decode_error(path, "it has no video stream (no video frames)")
+            codec = container.streams.video[0].codec_context
+            width, height = int(codec.width), int(codec.height)
+    except VideoDecodeError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as err:
+        raise _decode_error(path, f"it is not a readable video ({_first_line(err)})") from err
+    if width < 1 or height < 1:
+        raise _decode_error(path, f"its video stream reports size {width}x{height}")
+    return width, height
+
+
+def _decode_size(width: int, height: int, image_size: int | None) -> tuple[int, int]:
+    """Size to ask decord for: native, or shrunk to twice the target for large frames; -1 means native."""
+    if image_size is not None and min(width, height) > _DECORD_SHRINK_FACTOR * image_size:
+        scale = _DECORD_SHRINK_FACTOR * image_size / min(width, height)
+        width, height = round(width * scale), round(height * scale)
+    elif width not in _DECORD_BROKEN_WIDTHS:
+        return -1, -1
+    if width in _DECORD_BROKEN_WIDTHS:
+        # One column wider keeps the aspect within one pixel; the centre crop absorbs it. (At native size,
+        # image_size=None, such a video reads one column wider than it is.)
+        width += 1
+    return width, height
+
+
+def _decode_error(path: Path, reason: str) -> VideoDecodeError:
+    return VideoDecodeError(
+        f"cannot decode video {path}: {reason}. The file may be truncated or corrupt: re-download it, or re-encode it "
+        f"(e.g. `ffmpeg -i {path.name} -c:v libx264 -pix_fmt yuv420p fixed.mp4`), or remove it from the split."
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,32 @@
+"""Shared fixtures: offline settings, a small synthetic clip set, the cached synthetic backbone."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ANNOTATIONS = REPO.parent / "shared" / "annotations"
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A small synthetic set (clips + annotations) generated once per test session."""
+    from petl_bench.data.synthetic import generate_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_synthetic(root, num_train=24, num_test=14, num_frames=8, size=32, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_backbone() -> Path:
+    """The synthetic pre-trained tiny CLIP checkpoint (built once, cached under $PETL_BENCH_CACHE)."""
+    from petl_bench.pretrain import synthetic_checkpoint
+
+    return synthetic_checkpoint("petl-tiny-vit")

@@ -1,0 +1,227 @@
+"""Frame sampling rules (both protocols) and decoding real mp4 files: padding, masks, resize + crop, and bad files.
+
+Test clips are written with the same H.264 encoder the synthetic benchmark uses. "Ramp" clips make frame t a flat
+grey of level 20 + 12 t, so the mean of a decoded frame tells which frame it was.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from petl_bench.data.synthetic import write_mp4
+from petl_bench.data.video import (
+    VideoDecodeError,
+    VideoSource,
+    decode_frames,
+    load_video,
+    probe_video,
+    resize_center_crop,
+    sample_frame_indices,
+)
+
+
+def ramp_clip(path: Path, num_frames: int, height: int = 32, width: int = 32, fps: int = 8) -> Path:
+    levels = 20 + 12 * np.arange(num_frames)
+    frames = np.broadcast_to(levels[:, None, None, None], (num_frames, height, width, 3)).astype(np.uint8)
+    write_mp4(path, frames, fps)
+    return path
+
+
+def frame_numbers(frames: torch.Tensor) -> list[int]:
+    """Which ramp frame each decoded frame is (by its mean grey level)."""
+    return [round((f.float().mean().item() - 20) / 12) for f in frames]
+
+
+# ------------------------------------------------------------------------------------------------------- sampling
+def test_uniform_eval_takes_the_middle_of_equal_segments():
+    assert sample_frame_indices(100, 25.0, 10) == [5, 15, 25, 35, 45, 55, 65, 75, 85, 95]
+    # 10 frames into 4 segments [0,2) [2,5) [5,7) [7,10)
+    assert sample_frame_indices(10, 25.0, 4) == [1, 3, 6, 8]
+
+
+def test_uniform_train_draws_one_random_frame_per_segment():
+    starts, ends = np.array([0, 2, 5, 7]), np.array([2, 5, 7, 10])
+    seen = [set() for _ in range(4)]
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        picks = sample_frame_indices(10, 25.0, 4, train=True, rng=rng)
+        assert len(picks) == 4
+        for k, index in enumerate(picks):
+            assert starts[k] <= index < ends[k]
+            seen[k].add(index)
+    # every frame of every segment is reachable
+    assert [sorted(s) for s in seen] == [list(range(a, b)) for a, b in zip(starts, ends)]
+
+
+def test_uniform_train_is_reproducible_with_a_seeded_generator():
+    def draw(seed: int) -> list[int]:
+        return sample_frame_indices(1000, 30.0, 12, train=True, rng=np.random.default_rng(seed))
+
+    assert draw(3) == draw(3)
+    assert draw(3) != draw(4)
+    assert draw(3) != sample_frame_indices(1000, 30.0, 12)  # not the evaluation frames
+
+
+@pytest.mark.parametrize("protocol", ["uniform", "fps"])
+@pytest.mark.parametrize("train", [False, True])
+def test_a_clip_shorter_than_max_frames_gives_all_its_frames(protocol, train):
+    # 5 frames at 1 fps: both protocols keep every frame
+    assert sample_frame_indices(5, 1.0, 8, protocol, train=train, rng=np.random.default_rng(0)) == [0, 1, 2, 3, 4]
+
+
+def test_fps_protocol_takes_one_frame_per_second():
+    assert sample_frame_indices(300, 30.0, 12, "fps") == [0, 30, 60, 90, 120, 150, 180, 210, 240, 270]
+    # a fractional rate does not drift: the frame shown at each whole second
+    assert sample_frame_indices(300, 29.97, 20, "fps") == [0, 29, 59, 89, 119, 149, 179, 209, 239, 269, 299]
+    # slower than 1 fps: each frame once
+    assert sample_frame_indices(4, 0.5, 8, "fps") == [0, 1, 2, 3]
+
+
+def test_fps_protocol_thins_uniformly_to_max_frames():
+    # 10 one-per-second frames thinned to 5: positions linspace(0, 9, 5) -> 0, 2, 4, 6, 9
+    assert sample_frame_indices(300, 30.0, 5, "fps") == [0, 60, 120, 180, 270]
+    many = sample_frame_indices(3000, 25.0, 12, "fps")  # 120 s
+    assert len(many) == 12 and many[0] == 0 and many[-1] == 119 * 25
+    assert all(b > a for a, b in itertools.pairwise(many))
+
+
+def test_sampling_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown frame protocol"):
+        sample_frame_indices(10, 25.0, 4, protocol="random")
+    with pytest.raises(ValueError, match="positive frame rate"):
+        sample_frame_indices(10, 0.0, 4, protocol="fps")
+    with pytest.raises(ValueError, match="at least one frame"):
+        sample_frame_indices(0, 25.0, 4)
+    with pytest.raises(ValueError, match="max_frames"):
+        sample_frame_indices(10, 25.0, 0)
+
+
+# ------------------------------------------------------------------------------------------------------- decoding
+def test_load_video_pads_and_masks_a_short_clip(tmp_path):
+    path = ramp_clip(tmp_path / "short.mp4", num_frames=5)
+    frames, mask = load_video(path, max_frames=8, image_size=32)
+    assert frames.dtype == torch.uint8 and frames.shape == (8, 3, 32, 32)
+    assert mask.dtype == torch.bool and mask.tolist() == [True] * 5 + [False] * 3
+    assert frame_numbers(frames[:5]) == [0, 1, 2, 3, 4]
+    assert frames[5:].eq(0).all()
+
+
+def test_load_video_decodes_the_sampled_frames(tmp_path):
+    path = ramp_clip(tmp_path / "ramp.mp4", num_frames=16, fps=4)
+    frames, mask = load_video(path, max_frames=4, image_size=32)
+    assert mask.all() and frame_numbers(frames) == sample_frame_indices(16, 4.0, 4) == [2, 6, 10, 14]
+    frames, mask = load_video(path, max_frames=8, image_size=32, protocol="fps")  # 4 s at 4 fps -> frames 0,4,8,12
+    assert mask.tolist() == [True] * 4 + [False] * 4
+    assert frame_numbers(frames[:4]) == [0, 4, 8, 12]
+    frames, _ = load_video(path, max_frames=4, image_size=32, train=True, rng=np.random.default_rng(0))
+    numbers = frame_numbers(frames)
+    assert all(4 * k <= n < 4 * (k + 1) for k, n in enumerate(numbers))
+
+
+def test_resize_short_side_then_center_crop(tmp_path):
+    # 96x64 frames: red 16-column bands at both sides, green in between. Short side 64 -> 32 halves the width to 48,
+    # and the centre 32 columns drop 8 on each side: exactly the (halved) red bands.
+    frames = np.zeros((4, 64, 96, 3), np.uint8)
+    frames[..., :, :] = (40, 200, 60)
+    frames[:, :, :16] = frames[:, :, -16:] = (220, 30, 30)
+    path = tmp_path / "wide.mp4"
+    write_mp4(path, frames, fps=8)
+    out, _ = load_video(path, max_frames=4, image_size=32)
+    assert out.shape == (4, 3, 32, 32)
+    inner = out[:, :, :, 2:-2].float()  # the outermost columns may carry the resize kernel's reach into the bands
+    assert (inner[:, 1] - inner[:, 0]).min() > 100  # green everywhere: the red bands were cropped away
+    info = probe_video(path)
+    assert (info.width, info.height, info.num_frames, info.fps) == (96, 64, 4, 8.0)
+
+
+def test_large_frames_decoded_at_reduced_size_match_a_full_size_resize(tmp_path):
+    # Short side 128 > 2 x 32, so decord first shrinks to 64 (bilinear) before torch's bicubic step. On smooth content
+    # that stays within a couple of grey levels of resizing the full frames (about what bilinear vs bicubic differ).
+    rng = np.random.default_rng(0)
+    coarse = torch.from_numpy(rng.uniform(0, 255, size=(3, 3, 8, 10)).astype(np.float32))
+    smooth = F.interpolate(coarse, size=(128, 160), mode="bicubic", align_corners=False).clamp(0, 255).to(torch.uint8)
+    path = tmp_path / "large.mp4"
+    write_mp4(path, smooth.permute(0, 2, 3, 1).numpy(), fps=8)
+    reduced = decode_frames(path, [0, 1, 2], image_size=32)
+    full = VideoSource(path, image_size=None).read([0, 1, 2])
+    assert full.shape == (3, 3, 128, 160)
+    reference = resize_center_crop(full, 32)
+    assert reduced.shape == reference.shape == (3, 3, 32, 32)
+    assert (reduced.float() - reference.float()).abs().mean() < 3.0
+    # and it is really that frame: far from the other frames
+    assert (reduced[0].float() - reference[1].float()).abs().mean() > 20.0
+
+
+def test_widths_decord_cannot_output_still_decode(tmp_path):
+    # decord 0.6.0 fails on 48-pixel-wide output (dmlc/decord#336); the reader asks for 49 and crops
+    frames = np.full((3, 48, 48, 3), (200, 50, 50), np.uint8)
+    path = tmp_path / "w48.mp4"
+    write_mp4(path, frames, fps=8)
+    out, mask = load_video(path, max_frames=3, image_size=48)
+    assert out.shape == (3, 3, 48, 48) and mask.all()
+    assert (out.permute(0, 2, 3, 1).float() - torch.tensor([200.0, 50.0, 50.0])).abs().mean() < 6.0
+
+
+def test_resize_center_crop_matches_torch_bicubic_antialias():
+    image = torch.randint(0, 256, (2, 3, 40, 60), dtype=torch.uint8)
+    out = resize_center_crop(image, 20)
+    expected = F.interpolate(image, size=(20, 30), mode="bicubic", antialias=True)[..., 5:25]
+    assert torch.equal(out, expected)
+    assert torch.equal(resize_center_crop(image[..., :40], 40), image[..., :40])  # already square: untouched
+
+
+# ---------------------------------------------------------------------------------------------------------- errors
+def test_missing_file_names_the_path(tmp_path):
+    missing = tmp_path / "nope.mp4"
+    with pytest.raises(VideoDecodeError, match="not found") as err:
+        load_video(missing, 4, 32)
+    assert str(missing) in str(err.value)
+
+
+def test_truncated_file_is_a_decode_error(tmp_path):
+    whole = ramp_clip(tmp_path / "whole.mp4", num_frames=16)
+    data = whole.read_bytes()
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(VideoDecodeError, match="re-download") as err:
+        load_video(truncated, 4, 32)
+    assert str(truncated) in str(err.value)
+
+
+def test_a_file_that_is_not_a_video_is_rejected(tmp_path):
+    # decord alone would "open" this as a one-frame video
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video\n" * 20)
+    with pytest.raises(VideoDecodeError, match="not a readable video") as err:
+        load_video(text, 4, 32)
+    assert str(text) in str(err.value)
+    with pytest.raises(VideoDecodeError, match="not a file"):
+        load_video(tmp_path, 4, 32)
+
+
+def test_a_video_without_frames_is_rejected(tmp_path):
+    import av
+
+    empty = tmp_path / "empty.mp4"
+    with av.open(str(empty), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        container.start_encoding()  # writes the header: a valid mp4 with zero frames
+        container.mux(stream.encode(None))
+    assert empty.stat().st_size > 0
+    with pytest.raises(VideoDecodeError, match="no video") as err:
+        load_video(empty, 4, 32)
+    assert str(empty) in str(err.value)
+
+
+def test_out_of_range_indices_name_the_file(tmp_path):
+    path = ramp_clip(tmp_path / "ramp.mp4", num_frames=4)
+    with pytest.raises(IndexError, match="ramp.mp4"):
+        decode_frames(path, [0, 4], image_size=32)

@@ -5,7 +5,8 @@
   data (tokenizer, frame size). The `RetrievalMetrics` callback is always on (``--metrics.*`` configures it).
 - ``petl-bench run --config ... --result FILE``: fit then test in one process and write the run's record (what
   `make bench` and sweeps call).
-- ``petl-bench params``, ``synth``, ``bench``, ``report``: see ``petl-bench <command> --help``.
+- ``petl-bench params``, ``synth``, ``prepare``, ``bench``, ``sweep``, ``report``, ``dashboard``: see
+  ``petl-bench <command> --help``.
 """
 
 from __future__ import annotations
@@ -113,6 +114,18 @@ def main(argv: list[str] | None = None) -> int:
         from petl_bench.bench.run import bench_command
 
         return bench_command(rest)
+    if command == "sweep":
+        from petl_bench.bench.sweep import sweep_command
+
+        return sweep_command(rest)
+    if command == "dashboard":
+        from petl_bench.bench.dashboard import dashboard_command
+
+        return dashboard_command(rest)
+    if command == "prepare":
+        from petl_bench.data.prepare import prepare_command
+
+        return prepare_command(rest)
     if command == "report":
         from petl_bench.bench.report import report_command
 

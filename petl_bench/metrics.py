@@ -283,7 +283,9 @@ class RetrievalMetrics(Callback):
 
     Logged keys: ``{stage}/t2v/{R@1,R@5,R@10,MdR,MnR}``, ``{stage}/v2t/...`` (``v2t_protocol``; with ``"both"``,
     ``v2t`` is the group protocol and ``v2t_any`` the any protocol), ``{stage}/num_videos``, ``{stage}/num_captions``,
-    optionally ``{stage}/{t2v,v2t}_dsl/...`` (dual softmax) and ``{stage}/{subset}/t2v/...`` per evaluation subset.
+    optionally ``{stage}/{t2v,v2t}_dsl/...`` (dual softmax), ``{stage}/{subset}/t2v/...`` per evaluation subset and
+    ``{stage}/{name}/accuracy`` per named set of hard pairs from the datamodule's ``eval_pairs(stage)`` (the synthetic
+    order pairs: does a caption score its own clip above the time-reversed twin?).
     Nothing is logged or saved during the sanity check. Rank 0 writes ``{stage}_metrics.json`` to ``save_dir``.
 
     Args:
@@ -532,6 +534,12 @@ class RetrievalMetrics(Callback):
                 break
         return subsets
 
+    @staticmethod
+    def _pairs(trainer: Trainer, stage: str) -> dict[str, Sequence[tuple[int, int, int]]]:
+        """Named (caption, video, hard-negative video) triples from the datamodule's ``eval_pairs(stage)``, if any."""
+        provider = getattr(getattr(trainer, "datamodule", None), "eval_pairs", None)
+        return provider(stage) if callable(provider) else {}
+
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         videos = self._gather_table(trainer, pl_module, VIDEO_LOADER)
         captions = self._gather_table(trainer, pl_module, CAPTION_LOADER)
@@ -592,6 +600,16 @@ class RetrievalMetrics(Callback):
             for key, value in t2v_metrics(sim[rows], cap_to_vid[rows]).items():
                 metrics[f"{name}/t2v/{key}"] = value
             metrics[f"{name}/num_captions"] = float(rows.numel())
+        for name, triples in self._pairs(trainer, stage).items():
+            # (caption, its video, a hard negative): the share of captions scoring their own video strictly higher;
+            # a tie counts as a miss, as in the pessimistic rank rule above
+            t = torch.as_tensor(list(triples), dtype=torch.long).view(-1, 3)
+            rows, pos, neg = caption_row[t[:, 0]], video_row[t[:, 1]], video_row[t[:, 2]]
+            keep = (rows >= 0) & (pos >= 0) & (neg >= 0)
+            if keep.any():
+                rows, pos, neg = rows[keep], pos[keep], neg[keep]
+                metrics[f"{name}/accuracy"] = 100.0 * float((sim[rows, pos] > sim[rows, neg]).float().mean())
+                metrics[f"{name}/num_pairs"] = float(rows.numel())
         metrics["num_videos"] = float(sim.shape[1])
         metrics["num_captions"] = float(sim.shape[0])
 

@@ -16,6 +16,7 @@ A method subclass adds modules in ``__init__``, overrides hooks, and says what t
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 
 import lightning as L
@@ -26,6 +27,9 @@ from torch import nn
 from petl_bench.backbone import CLIPBackbone, CLIPHooks, encode_frames, encode_tokens
 
 SIMILARITY_HEADS = ("meanP", "text_conditioned")
+
+# Checkpoints leave the frozen backbone out on purpose; `on_load_checkpoint` checks what must be there instead.
+warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
 
 
 def mean_pool(frame_emb: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:

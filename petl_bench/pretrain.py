@@ -38,7 +38,13 @@ def synthetic_checkpoint(model_name: str = "petl-tiny-vit", rebuild: bool = Fals
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the file built
         if path.is_file() and not rebuild:
             return path
-        train_synthetic_clip(model_name, path)
+        threads = torch.get_num_threads()
+        # matrices this small gain nothing from a second thread, and spinning threads stall a loaded machine
+        torch.set_num_threads(1)
+        try:
+            train_synthetic_clip(model_name, path)
+        finally:
+            torch.set_num_threads(threads)
     return path
 
 

@@ -12,7 +12,7 @@ from petl_bench.methods import build_method
 from petl_bench.methods.vop import VoP
 from petl_bench.methods.zero_shot import ZeroShot
 
-TINY = dict(backbone="petl-tiny-vit", pretrained=None, num_frames=4, max_words=16)
+TINY = {"backbone": "petl-tiny-vit", "pretrained": None, "num_frames": 4, "max_words": 16}
 VARIANTS = ("vop", "vop_p", "vop_c", "vop_f", "vop_fp", "vop_fc")
 PROMPT_PREFIXES = ("visual_prompts.", "frame_prompts.", "text_prompts", "context_generator.")
 CAPTIONS = ["a red square moves left", "a blue dot moves right", "two bars swap places"]

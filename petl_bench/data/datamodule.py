@@ -188,7 +188,8 @@ class RetrievalDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ set-up
     def prepare_data(self) -> None:
-        if self.hparams.dataset == "synthetic":
+        # the synthetic set is generated (default parameters) where none exists yet; an existing one is used as is
+        if self.hparams.dataset == "synthetic" and not (self.root / "manifest.json").is_file():
             from petl_bench.data.synthetic import generate_synthetic
 
             generate_synthetic(self.root)
@@ -254,19 +255,20 @@ class RetrievalDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ extra evaluation views
     def eval_pairs(self, stage: str) -> dict[str, list[tuple[int, int, int]]]:
-        """Named sets of (caption, its video, a hard negative video) triples scored beside the full metrics.
+        """Named sets of (caption, its video, a hard negative video) scored beside the full metrics.
 
-        The synthetic set's order pairs: a clip and its time-reversed twin, whose captions differ only in direction.
+        Datasets that know hard twins (the synthetic order pairs: a clip and its time-reversed copy, whose captions
+        differ only in direction) give ``{"order_pairs": [...]}``; the others give nothing.
         """
+        twins_of = self.spec.extra.get("hard_twins")
+        if twins_of is None:
+            return {}
         which = "test" if stage == "test" else "val"
         table = self.table(which)
-        pairs = self.spec.extra.get("order_pairs")
-        if pairs is None:
-            return {}
-        twin = pairs(self.annotation_root, self.splits[which])  # video_id -> twin video_id
+        twin = twins_of(self.annotation_root, self.splits[which])
         row = {vid: i for i, vid in enumerate(table.video_ids)}
         triples = [(c, v, row[twin[table.video_ids[v]]]) for c, v in enumerate(table.caption_video)
-                   if table.video_ids[v] in twin and twin[table.video_ids[v]] in row]
+                   if twin.get(table.video_ids[v]) in row]
         return {"order_pairs": triples}
 
 

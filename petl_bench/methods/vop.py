@@ -207,7 +207,7 @@ class VoP(RetrievalModule):
         elif video_prompt_layers is None:
             frame_layers = sorted(self.joint_layers) if function_prompts else list(range(depth // 2, depth))
         else:
-            frame_layers = sorted(set(int(i) for i in video_prompt_layers))
+            frame_layers = sorted({int(i) for i in video_prompt_layers})
             if frame_layers and not 0 <= frame_layers[0] <= frame_layers[-1] < depth:
                 raise ValueError(f"video_prompt_layers must lie in [0, {depth}) for {self.clip.model_name}, "
                                  f"got {video_prompt_layers}")

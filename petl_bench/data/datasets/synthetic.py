@@ -77,6 +77,18 @@ def find_video(video_root: Path, video_id: str) -> Path | None:
     return find_first_file(video_root, (video_id, f"videos/{video_id}"), (".mp4",))
 
 
+def order_twins(root: Path, split: str) -> dict[str, str]:
+    """video_id -> the id of its time-reversed twin, for every clip of `split` that has one."""
+    from petl_bench.data.synthetic import order_pairs
+
+    records = read_synthetic_annotations(annotation_file(root, split))
+    twins = {}
+    for a, b in order_pairs(records, split):
+        twins[records[a]["video_id"]] = records[b]["video_id"]
+        twins[records[b]["video_id"]] = records[a]["video_id"]
+    return twins
+
+
 SYNTHETIC = register_dataset(
     DatasetSpec(
         name="synthetic",
@@ -87,6 +99,6 @@ SYNTHETIC = register_dataset(
             "Synthetic coloured shapes moving in one of four directions; each test clip has a twin with its frames "
             "reversed and the opposite direction in its caption, so only order-aware models can separate them."
         ),
-        extra={"annotation_subdir": "annotations", "video_subdir": "videos"},
+        extra={"annotation_subdir": "annotations", "video_subdir": "videos", "hard_twins": order_twins},
     )
 )

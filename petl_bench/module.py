@@ -162,6 +162,7 @@ class RetrievalModule(CLIPHooks, L.LightningModule):
         loss = symmetric_infonce(logits)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["text"].shape[0])
         self.log("train/logit_scale", self.logit_scale().detach(), batch_size=batch["text"].shape[0])
+        self.log("train/global_batch", float(logits.shape[0]), batch_size=batch["text"].shape[0])
         return loss
 
     def _eval_step(self, batch: dict, dataloader_idx: int) -> dict:

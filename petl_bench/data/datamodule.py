@@ -4,13 +4,18 @@ Training yields (caption, video) pairs; validation and test yield two loaders �
 every caption once (dataloader 1) — each item carrying its dataset index, each caption its video's index, so the
 metrics callback can gather across processes and drop DistributedSampler's padding duplicates.
 Frames travel as uint8 ``(T, 3, S, S)`` with a bool ``video_mask``; normalisation happens on the device.
+
+Nothing changes the evaluation set silently: listed videos whose file is missing are skipped only under
+``missing_videos="skip"`` and counted (with their ids) in `summary()`, which every run record carries; listed videos
+a loader leaves out for lack of captions (VATEX / MSVD ``missing="skip"``) are counted the same way.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -19,31 +24,119 @@ import open_clip
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from petl_bench.data.datasets import DatasetSpec, get_dataset
-from petl_bench.data.video import FRAME_PROTOCOLS, load_video
+from petl_bench.data.datasets import DatasetSpec, Items, get_dataset
+from petl_bench.data.datasets._common import SkippedItemsWarning
+from petl_bench.data.frame_cache import CachedVideo, FrameCache, usable_frames
+from petl_bench.data.video import FRAME_PROTOCOLS, VideoDecodeError, VideoSource, sample_frame_indices
 from petl_bench.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
+MISSING_VIDEO_POLICIES = ("skip", "error")
+TRAIN_CAPTION_MODES = ("all", "random_one")
+# Loader options the DataModule sets itself from its own arguments (they apply to every dataset).
+_OWNED_OPTIONS = {"train_captions": "data.train_captions"}
+
+
+# ----------------------------------------------------------------------------------------------------- split tables
+def check_dataset_options(spec: DatasetSpec, options: dict | None) -> dict:
+    """The dataset options a loader accepts (``spec.extra["options"]``: name -> allowed values, or None for any).
+
+    An unknown option or a value outside the allowed ones is an error naming the key, instead of a ``TypeError`` from
+    deep inside a loader (or, worse, an option silently ignored).
+    """
+    options = dict(options or {})
+    accepted = spec.extra.get("options", {})
+    for key, value in options.items():
+        if key in _OWNED_OPTIONS:
+            raise ValueError(
+                f"data.dataset_options: {key!r} is not a dataset option; set {_OWNED_OPTIONS[key]} instead (it "
+                "applies to every dataset)"
+            )
+        if key not in accepted:
+            known = ", ".join(k for k in accepted if k not in _OWNED_OPTIONS) or "none"
+            raise ValueError(
+                f"data.dataset_options: {spec.name} has no option {key!r}; its options are: {known}"
+            )
+        allowed = accepted[key]
+        if allowed is not None and value not in allowed:
+            raise ValueError(
+                f"data.dataset_options.{key}={value!r} is not accepted by {spec.name}; choose one of "
+                f"{', '.join(repr(a) for a in allowed)}"
+            )
+    return options
+
+
+def load_split_items(
+    spec: DatasetSpec, split: str, annotation_root: Path, options: dict | None = None, train_captions: str = "all"
+) -> tuple[Items, list[str]]:
+    """``(items, ids the loader skipped for lack of captions)`` for one split.
+
+    Skips are announced by the loaders as `SkippedItemsWarning`; they are caught here, logged, and returned so the
+    count reaches the run record.
+    """
+    if split not in spec.splits:
+        raise ValueError(f"{spec.name} has no split {split!r}; its splits are {', '.join(spec.splits)}")
+    kwargs = check_dataset_options(spec, options)
+    if "train_captions" in spec.extra.get("options", {}):
+        kwargs["train_captions"] = train_captions
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SkippedItemsWarning)
+        items = spec.load(split, annotation_root, **kwargs)
+    skipped: list[str] = []
+    for warning in caught:
+        if isinstance(warning.message, SkippedItemsWarning):
+            skipped.extend(warning.message.skipped)
+            log.warning("%s", warning.message)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return items, skipped
+
 
 @dataclass(frozen=True)
 class SplitTable:
-    """A split as two tables: videos (id, path) and captions (text, row of its video)."""
+    """A split as two tables: videos (id, path) and captions (text, row of its video).
+
+    ``video_paths[i]`` is None only for a video served from the frame cache whose file is not on disk.
+    """
 
     video_ids: list[str]
-    video_paths: list[Path]
+    video_paths: list[Path | None]
     captions: list[str]
     caption_video: list[int]
     missing_videos: list[str]
+    split: str = ""
+    listed: int = 0
+    skipped_without_captions: list[str] = field(default_factory=list)
 
 
-def build_split_table(spec: DatasetSpec, split: str, annotation_root: Path, video_root: Path,
-                      missing_videos: str = "skip", **options) -> SplitTable:
-    items = spec.load(split, annotation_root, **options)
+def build_split_table(
+    spec: DatasetSpec,
+    split: str,
+    annotation_root: Path,
+    video_root: Path,
+    missing_videos: str = "skip",
+    *,
+    options: dict | None = None,
+    train_captions: str = "all",
+    cache: FrameCache | None = None,
+) -> SplitTable:
+    """Load a split's annotations and find its videos; a missing video is skipped (counted) or an error, by policy.
+
+    With a frame cache, a video whose file is gone but whose frames are cached still counts as present.
+    """
+    if missing_videos not in MISSING_VIDEO_POLICIES:
+        raise ValueError(f"missing_videos must be one of {MISSING_VIDEO_POLICIES}, got {missing_videos!r}")
+    items, skipped = load_split_items(spec, split, annotation_root, options, train_captions)
+    if not video_root.is_dir() and cache is None:
+        raise FileNotFoundError(
+            f"{spec.name}/{split}: video folder {video_root} does not exist; set data.video_root (default: "
+            "<root>/videos) to the folder holding the videos"
+        )
     ids, paths, captions, caption_video, missing = [], [], [], [], []
     for video_id, caps in items:
-        path = spec.find_video(video_root, video_id)
-        if path is None:
+        path = spec.find_video(video_root, video_id) if video_root.is_dir() else None
+        if path is None and (cache is None or cache.lookup(video_id, None) is None):
             missing.append(video_id)
             continue
         for cap in caps:
@@ -52,32 +145,86 @@ def build_split_table(spec: DatasetSpec, split: str, annotation_root: Path, vide
         ids.append(video_id)
         paths.append(path)
     if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         msg = (f"{spec.name}/{split}: {len(missing)} of {len(items)} listed videos are missing under {video_root} "
-               f"(e.g. {', '.join(missing[:3])})")
+               f"({shown})")
         if missing_videos == "error":
-            raise FileNotFoundError(msg + "; download them, or set data.missing_videos=skip to evaluate without them")
-        log.warning(msg + "; skipped (recorded in the run's metadata)")
+            raise FileNotFoundError(
+                msg + "; download them, or set data.missing_videos=skip to run without them (the count is recorded "
+                f"in the run's metadata); `petl-bench prepare {spec.name} --root ...` lists every missing file"
+            )
+        log.warning(msg + "; skipped (data.missing_videos=skip; counted in the run's metadata)")
     if not ids:
-        raise FileNotFoundError(f"{spec.name}/{split}: none of the {len(items)} listed videos exist under {video_root}")
-    return SplitTable(ids, paths, captions, caption_video, missing)
+        raise FileNotFoundError(
+            f"{spec.name}/{split}: none of the {len(items)} listed videos exist under {video_root}; check "
+            f"data.video_root and the file names (`petl-bench prepare {spec.name} --root ...` reports them)"
+        )
+    return SplitTable(ids, paths, captions, caption_video, missing, split=split, listed=len(items),
+                      skipped_without_captions=skipped)
 
 
-class _Frames:
-    """Shared frame loading of the three datasets below."""
+# ------------------------------------------------------------------------------------------------------ frames
+class FrameLoader:
+    """Frames of the videos of one split: from the frame cache when a video is cached, else decoded from its file.
 
-    def __init__(self, num_frames: int, image_size: int, protocol: str, train: bool):
-        self.num_frames, self.image_size, self.protocol, self.train = num_frames, image_size, protocol, train
+    Both paths apply the same rules: `sample_frame_indices` on the first ``max_seconds`` of the clip (uniform
+    segments: the middle frame at evaluation, a random one per segment in training; or CLIP4Clip's 1 fps), then pad to
+    ``num_frames`` with zeros and mask.
+    """
 
-    def load(self, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-        # training samples a random frame per segment; python's RNG is seeded per worker by Lightning
+    def __init__(self, table: SplitTable, num_frames: int, image_size: int, protocol: str, train: bool,
+                 max_seconds: float | None = None, cache: FrameCache | None = None, dataset: str = ""):
+        self.table, self.num_frames, self.image_size = table, num_frames, image_size
+        self.protocol, self.train, self.max_seconds = protocol, train, max_seconds
+        self.dataset = dataset
+        self.cached: list[CachedVideo | None] = [
+            cache.lookup(video_id, path) if cache is not None else None
+            for video_id, path in zip(table.video_ids, table.video_paths)
+        ]
+        # a reader without the index: this object travels to every worker process, and `cached` holds what it needs
+        self.cache = None if cache is None else FrameCache(cache.root, cache.dataset, cache.image_size, cache.sampling)
+
+    @property
+    def num_cached(self) -> int:
+        return sum(entry is not None for entry in self.cached)
+
+    def load(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # training draws fresh frames each time; python's RNG is seeded per worker by Lightning
         rng = np.random.default_rng(random.getrandbits(63)) if self.train else None
-        return load_video(path, self.num_frames, self.image_size, self.protocol, train=self.train, rng=rng)
+        entry = self.cached[row]
+        if entry is not None:
+            real = self.cache.read(entry, self.num_frames, self.protocol, self.train, rng, self.max_seconds)
+        else:
+            real = self._decode(row, rng)
+        frames = torch.zeros(self.num_frames, 3, self.image_size, self.image_size, dtype=torch.uint8)
+        frames[: len(real)] = real
+        mask = torch.zeros(self.num_frames, dtype=torch.bool)
+        mask[: len(real)] = True
+        return frames, mask
+
+    def _decode(self, row: int, rng: np.random.Generator | None) -> torch.Tensor:
+        path = self.table.video_paths[row]
+        try:
+            source = VideoSource(path, self.image_size)
+            usable = usable_frames(source.num_frames, source.fps, self.max_seconds)
+            try:
+                indices = sample_frame_indices(usable, source.fps, self.num_frames, self.protocol, self.train, rng)
+            except ValueError as err:  # e.g. the fps protocol on a file without a frame rate
+                raise VideoDecodeError(f"cannot sample frames of video {path}: {err}") from err
+            return source.read(indices)
+        except VideoDecodeError as err:
+            # one string argument: DataLoader workers re-raise the exception type with the message alone
+            raise VideoDecodeError(
+                f"{err}\n(video {self.table.video_ids[row]!r} of {self.dataset}/{self.table.split}) Run `petl-bench "
+                f"prepare {self.dataset} --root <data root> --check-decode` to list every unreadable video before "
+                "training; fix or remove them (or drop them from the split list)."
+            ) from err
 
 
 class PairDataset(Dataset):
     """Training pairs: every (video, caption) pair, or one random caption per video per epoch."""
 
-    def __init__(self, table: SplitTable, frames: _Frames, tokenize, train_captions: str = "all"):
+    def __init__(self, table: SplitTable, frames: FrameLoader, tokenize, train_captions: str = "all"):
         self.table, self.frames, self.tokenize, self.train_captions = table, frames, tokenize, train_captions
         self.by_video: list[list[int]] = [[] for _ in table.video_ids]
         for c, v in enumerate(table.caption_video):
@@ -87,25 +234,22 @@ class PairDataset(Dataset):
         return len(self.table.captions) if self.train_captions == "all" else len(self.table.video_ids)
 
     def __getitem__(self, i: int) -> dict:
-        if self.train_captions == "all":
-            c = i
-        else:
-            c = random.choice(self.by_video[i])
+        c = i if self.train_captions == "all" else random.choice(self.by_video[i])
         v = self.table.caption_video[c]
-        video, mask = self.frames.load(self.table.video_paths[v])
+        video, mask = self.frames.load(v)
         return {"video": video, "video_mask": mask, "text": self.tokenize(self.table.captions[c]),
                 "index": c, "video_index": v}
 
 
 class VideoDataset(Dataset):
-    def __init__(self, table: SplitTable, frames: _Frames):
+    def __init__(self, table: SplitTable, frames: FrameLoader):
         self.table, self.frames = table, frames
 
     def __len__(self) -> int:
         return len(self.table.video_ids)
 
     def __getitem__(self, i: int) -> dict:
-        video, mask = self.frames.load(self.table.video_paths[i])
+        video, mask = self.frames.load(i)
         return {"video": video, "video_mask": mask, "index": i}
 
 
@@ -120,6 +264,7 @@ class CaptionDataset(Dataset):
         return {"text": self.tokenize(self.table.captions[i]), "index": i, "video_index": self.table.caption_video[i]}
 
 
+# ------------------------------------------------------------------------------------------------------ module
 class RetrievalDataModule(L.LightningDataModule):
     """One DataModule for every dataset and method.
 
@@ -131,10 +276,15 @@ class RetrievalDataModule(L.LightningDataModule):
         backbone: open_clip model name, linked from the model: it picks the tokenizer and the frame size.
         num_frames / max_words: frames per video and tokens per caption (linked to the model).
         frame_protocol: ``uniform`` segments (default) or CLIP4Clip's ``fps`` (1 fps, then thinned).
+        max_seconds: sample only the first ``max_seconds`` of each video (DiDeMo's protocol: 30); None: all of it.
         train_captions: ``all`` (video, caption) pairs per epoch, or ``random_one`` caption per video per epoch.
         batch_size: per process; the loss sees batch_size x processes.
-        missing_videos: ``skip`` (counted, recorded) or ``error``.
-        dataset_options: passed to the dataset's loader (e.g. ``{"missing": "skip"}`` for VATEX caption gaps).
+        missing_videos: a listed video without a file is ``skip``-ped (counted and listed in `summary()`, hence in
+            the run record) or an ``error`` naming it.
+        dataset_options: passed to the dataset's loader; only the options its spec lists are accepted (e.g.
+            ``{"missing": "skip"}`` for VATEX ids without captions, ``{"use_list": false}`` for DiDeMo).
+        frame_cache: a folder built by ``petl-bench prepare <dataset> --frame-cache DIR``; cached videos are read
+            from it, the others decoded from their files (with a warning saying how many).
     """
 
     def __init__(
@@ -148,6 +298,7 @@ class RetrievalDataModule(L.LightningDataModule):
         num_frames: int = 12,
         max_words: int = 32,
         frame_protocol: str = "uniform",
+        max_seconds: float | None = None,
         train_split: str | None = None,
         test_split: str | None = None,
         val_split: str | None = None,
@@ -157,16 +308,26 @@ class RetrievalDataModule(L.LightningDataModule):
         num_workers: int = 2,
         missing_videos: str = "skip",
         dataset_options: dict | None = None,
+        frame_cache: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.spec = get_dataset(dataset)
         if frame_protocol not in FRAME_PROTOCOLS:
             raise ValueError(f"data.frame_protocol must be one of {FRAME_PROTOCOLS}, got {frame_protocol!r}")
-        if train_captions not in ("all", "random_one"):
+        if train_captions not in TRAIN_CAPTION_MODES:
             raise ValueError(f"data.train_captions must be 'all' or 'random_one', got {train_captions!r}")
-        if missing_videos not in ("skip", "error"):
+        if missing_videos not in MISSING_VIDEO_POLICIES:
             raise ValueError(f"data.missing_videos must be 'skip' or 'error', got {missing_videos!r}")
+        if max_seconds is not None and not max_seconds > 0:
+            raise ValueError(f"data.max_seconds must be positive (or null for whole videos), got {max_seconds!r}")
+        self.dataset_options = check_dataset_options(self.spec, dataset_options)
+        for which, split in (("train", train_split), ("test", test_split), ("val", val_split)):
+            if split is not None and split not in self.spec.splits:
+                raise ValueError(
+                    f"data.{which}_split={split!r}: {dataset} has no such split; its splits are "
+                    f"{', '.join(self.spec.splits)}"
+                )
         if root is None:
             if dataset != "synthetic":
                 raise ValueError(f"data.root is required for {dataset}: the folder holding its annotations and videos")
@@ -182,6 +343,8 @@ class RetrievalDataModule(L.LightningDataModule):
             "val": val_split or self.spec.val_split or test_split or self.spec.test_split,
         }
         self.tables: dict[str, SplitTable] = {}
+        self._cache: FrameCache | None = None
+        self._cached_counts: dict[str, int] = {}
 
     def tokenize(self, caption: str) -> torch.Tensor:
         return self._tokenizer([caption], context_length=self.hparams.max_words)[0]
@@ -194,12 +357,32 @@ class RetrievalDataModule(L.LightningDataModule):
 
             generate_synthetic(self.root)
 
+    @property
+    def frame_cache(self) -> FrameCache | None:
+        """The opened frame cache (``data.frame_cache``), or None."""
+        if self.hparams.frame_cache and self._cache is None:
+            self._cache = FrameCache.open(self.hparams.frame_cache, self.hparams.dataset, self.image_size)
+            sampling = self._cache.sampling
+            if sampling.max_seconds != self.hparams.max_seconds:
+                raise ValueError(
+                    f"frame cache {self._cache.root} was built for max_seconds={sampling.max_seconds}, this run uses "
+                    f"data.max_seconds={self.hparams.max_seconds}; the cache lacks the frames the run would read — "
+                    "rebuild it with the same --max-seconds, or unset data.frame_cache"
+                )
+            if sampling.num_frames != self.hparams.num_frames:
+                log.warning(
+                    "frame cache %s holds the exact evaluation frames for %d frames per video; this run samples %d, "
+                    "so each frame is served by the nearest cached one (rebuild with --num-frames %d for exact "
+                    "frames)", self._cache.root, sampling.num_frames, self.hparams.num_frames,
+                    self.hparams.num_frames)
+        return self._cache
+
     def table(self, which: str) -> SplitTable:
         split = self.splits[which]
         if split not in self.tables:
             self.tables[split] = build_split_table(
                 self.spec, split, self.annotation_root, self.video_root, self.hparams.missing_videos,
-                **(self.hparams.dataset_options or {}),
+                options=self.dataset_options, train_captions=self.hparams.train_captions, cache=self.frame_cache,
             )
         return self.tables[split]
 
@@ -213,18 +396,36 @@ class RetrievalDataModule(L.LightningDataModule):
             self.table("test")
 
     def summary(self) -> dict:
-        """What the run was evaluated on: recorded in every result file."""
+        """What the run was trained and evaluated on: recorded in every result file.
+
+        Per split used: its name, videos and captions, listed videos missing on disk (count; the ids too for the
+        evaluation splits) and ids dropped for lack of captions; plus the frame protocol, how training drew captions
+        (``train_caption_sampling``: every pair or one random caption per video) and, with a frame cache, how many
+        videos of each split were read from it.
+        """
         out = {"dataset": self.hparams.dataset, "frame_protocol": self.hparams.frame_protocol,
                "num_frames": self.hparams.num_frames, "max_words": self.hparams.max_words,
-               "train_captions": self.hparams.train_captions, "image_size": self.image_size}
-        for which in ("train", "test"):
+               "max_seconds": self.hparams.max_seconds, "train_caption_sampling": self.hparams.train_captions,
+               "image_size": self.image_size, "missing_videos": self.hparams.missing_videos,
+               "dataset_options": dict(self.dataset_options), "frame_cache": self.hparams.frame_cache}
+        whiches = ["train", "test"] + (["val"] if self.splits["val"] != self.splits["test"] else [])
+        for which in whiches:
             split = self.splits[which]
             out[f"{which}_split"] = split
             if split in self.tables:
                 t = self.tables[split]
                 out[f"{which}_videos"] = len(t.video_ids)
                 out[f"{which}_captions"] = len(t.captions)
+                out[f"{which}_listed_videos"] = t.listed
                 out[f"{which}_missing_videos"] = len(t.missing_videos)
+                out[f"{which}_skipped_without_captions"] = len(t.skipped_without_captions)
+                if which != "train":
+                    out[f"{which}_missing_video_ids"] = list(t.missing_videos)
+                    out[f"{which}_skipped_without_captions_ids"] = list(t.skipped_without_captions)
+                if split in self._cached_counts:
+                    out[f"{which}_videos_from_frame_cache"] = self._cached_counts[split]
+        if self.splits["val"] == self.splits["test"]:
+            out["val_split"] = self.splits["val"]
         return out
 
     # ------------------------------------------------------------------ loaders
@@ -233,18 +434,36 @@ class RetrievalDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=workers,
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 
-    def _frames(self, train: bool) -> _Frames:
-        return _Frames(self.hparams.num_frames, self.image_size, self.hparams.frame_protocol, train)
+    def _frames(self, which: str, train: bool) -> FrameLoader:
+        table = self.table(which)
+        cache = self.frame_cache
+        loader = FrameLoader(table, self.hparams.num_frames, self.image_size, self.hparams.frame_protocol, train,
+                             self.hparams.max_seconds, cache, self.hparams.dataset)
+        if cache is not None:
+            self._cached_counts[table.split] = loader.num_cached
+            uncached = [v for v, e in zip(table.video_ids, loader.cached) if e is None]
+            if uncached:
+                shown = ", ".join(uncached[:5]) + (", ..." if len(uncached) > 5 else "")
+                log.warning(
+                    "%s/%s: %d of %d videos are not in the frame cache %s (%s); they are decoded from their files. "
+                    "Run `petl-bench prepare %s --root <data root> --frame-cache %s` to add them.",
+                    self.hparams.dataset, table.split, len(uncached), len(table.video_ids), cache.root, shown,
+                    self.hparams.dataset, cache.root)
+        return loader
 
     def train_dataloader(self) -> DataLoader:
-        pairs = PairDataset(self.table("train"), self._frames(True), self.tokenize, self.hparams.train_captions)
+        pairs = PairDataset(self.table("train"), self._frames("train", True), self.tokenize,
+                            self.hparams.train_captions)
+        log.info("%s/%s: training on %s (%d items per epoch)", self.hparams.dataset, self.splits["train"],
+                 "every (video, caption) pair" if self.hparams.train_captions == "all"
+                 else "one random caption per video per epoch", len(pairs))
         # drop_last: every step sees a full batch, so the InfoNCE task has the same difficulty throughout
         return self._loader(pairs, self.hparams.batch_size, shuffle=True, drop_last=len(pairs) > self.hparams.batch_size)
 
     def _eval_loaders(self, which: str) -> list[DataLoader]:
         table = self.table(which)
         bs = self.hparams.eval_batch_size or self.hparams.batch_size
-        return [self._loader(VideoDataset(table, self._frames(False)), bs, shuffle=False),
+        return [self._loader(VideoDataset(table, self._frames(which, False)), bs, shuffle=False),
                 self._loader(CaptionDataset(table, self.tokenize), bs, shuffle=False)]
 
     def val_dataloader(self) -> list[DataLoader]:

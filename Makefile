@@ -4,13 +4,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATASET ?= synthetic
 SEEDS ?= 1
+PARALLEL ?= 1
+SWEEP ?= experiments/$(DATASET).yaml
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 # One BLAS/OpenMP thread per process: on a small CPU machine the data-loader workers share the cores, and spinning
 # OpenMP threads then slow the tiny synthetic models by an order of magnitude (measured: 19.7 vs 1466 ms per step).
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install test test-slow test-all bench report params synth lint clean
+.PHONY: install test test-slow test-all bench sweep report params synth lint clean
 
 install:  ## create .venv and install the package with its test tools (torch 2.14.1 + torchvision 0.29.1)
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +28,13 @@ test-slow:  ## the heavier end-to-end tests
 test-all:  ## everything
 	$(PY) -m pytest -q
 
-bench:  ## fit + test every method on $(DATASET); FORCE=1 redoes finished runs; SEEDS=3 for mean ± std
-	$(PY) -m petl_bench.cli bench --dataset $(DATASET) --seeds $(SEEDS) $(if $(FORCE),--force,)
+bench:  ## sweep every method of experiments/$(DATASET).yaml on $(DATASET); SEEDS=3 for mean ± std; FORCE=1 redoes runs; PARALLEL=N
+	$(PY) -m petl_bench.cli bench --dataset $(DATASET) --seeds $(SEEDS) --parallel $(PARALLEL) $(if $(FORCE),--force,)
 
-report:  ## rewrite results/$(DATASET)/report.md from the run records
+sweep:  ## run a whole sweep file (default experiments/$(DATASET).yaml, all its seeds); DRY=1 prints the commands
+	$(PY) -m petl_bench.cli sweep $(SWEEP) --parallel $(PARALLEL) $(if $(FORCE),--force,) $(if $(DRY),--dry-run,)
+
+report:  ## rewrite results/$(DATASET)/report.md and its plots from the run records
 	$(PY) -m petl_bench.cli report --dataset $(DATASET)
 
 params:  ## trainable / total parameters of every method on ViT-B/32

@@ -1,8 +1,10 @@
 """A synthetic pre-trained backbone: the project's stand-in for OpenAI's CLIP weights where those cannot be downloaded.
 
 A tiny CLIP (``petl-tiny-vit``, registered from ``petl_bench/model_configs``) is trained contrastively on still frames
-of the synthetic renderer with captions naming colour and shape ("a red circle"). It never sees motion: like OpenAI's
-CLIP, it knows what things look like in one image, not how they move — which is what the video methods must add.
+of the synthetic renderer with captions naming colour, shape and where the shape is ("a red circle at the top left").
+It never sees motion: like OpenAI's CLIP, it knows what things look like in one image, and roughly where, not how they
+move — which is what the video methods must add. (Without the position words its frame embeddings learn to ignore
+position, and no video method could then recover the direction of motion from them.)
 
 The weights are written once to ``<cache>/backbones/<model>-synthetic-v<N>.safetensors`` (atomically, under a file lock so
 parallel processes build it once) and loaded back through open_clip's own ``pretrained=<path>``, exactly as a user's
@@ -23,8 +25,9 @@ import torch.nn.functional as F
 
 from petl_bench.paths import cache_dir
 
-RECIPE_VERSION = 1
-RECIPE = {"steps": 600, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.1, "num_images": 4096, "seed": 0}
+RECIPE_VERSION = 2
+RECIPE = {"steps": 600, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.1, "num_images": 4096, "seed": 0,
+          "positions": True}
 
 
 def synthetic_checkpoint(model_name: str = "petl-tiny-vit", rebuild: bool = False) -> Path:
@@ -63,7 +66,7 @@ def train_synthetic_clip(model_name: str, path: Path, **overrides) -> dict:
     cfg = open_clip.get_model_preprocess_cfg(model)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    images, captions = still_images(recipe["num_images"], size, seed=recipe["seed"])
+    images, captions = still_images(recipe["num_images"], size, seed=recipe["seed"], positions=recipe["positions"])
     mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
     pixels = (images.float() / 255.0 - mean) / std
@@ -90,7 +93,7 @@ def train_synthetic_clip(model_name: str, path: Path, **overrides) -> dict:
         opt.step()
         sched.step()
     model.eval()
-    stats = {"model": model_name, "final_loss": float(loss), "seconds": round(time.time() - start, 1),
+    stats = {"model": model_name, "final_loss": float(loss.detach()), "seconds": round(time.time() - start, 1),
              "recipe": recipe, "version": RECIPE_VERSION}
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),

@@ -53,7 +53,7 @@ def test_hooks_are_called_per_block(tiny):
         encode_tokens(tiny, Recorder(), torch.randint(1, 100, (5, 8)))
     assert [c[1] for c in calls if c[0] == "v"] == [0, 1, 2, 3]
     assert calls[0] == ("v", 0, 2, 3, (6, 17, 64))  # B·T images of 1 + 4x4 tokens
-    assert [c for c in calls if c[0] == "t"][0] == ("t", 0, 5, (5, 8, 64))
+    assert next(c for c in calls if c[0] == "t") == ("t", 0, 5, (5, 8, 64))
 
 
 def test_frames_are_normalised_with_open_clip_mean_std(tiny):

@@ -31,6 +31,7 @@ def write_json_atomic(path: Path, payload: dict) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=2, sort_keys=False, default=str)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a record is as readable as any other result file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

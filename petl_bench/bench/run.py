@@ -1,37 +1,29 @@
 """One benchmark run — fit, then test, then a record of everything needed to compare it — and `make bench`.
 
-A run's record (``results/<dataset>/<method>.json``, written atomically by rank 0) holds the method, backbone,
-pretrained source, dataset + split + frame protocol, seed, trainable and total parameters, checkpoint bytes (the
-trainable-only checkpoint), train wall time, throughput, peak memory, the test metrics and the full config.
-A record that exists means the run is finished: `bench` skips it unless told to redo it.
+A run's record (``results/<dataset>/<name>.json``, written atomically by rank 0) holds the method, its label (the
+method, plus the sweep's backbone / grid values when it has several), backbone, pretrained source, dataset + split +
+frame protocol, seed, trainable and total parameters, checkpoint bytes (the trainable-only checkpoint), train wall
+time, throughput, peak memory, the test metrics and the full config. A record that exists means the run is finished:
+sweeps skip it unless told to redo it. The same record goes into the run's W&B summary (`publish_record`).
+
+``petl-bench run`` takes plain LightningCLI arguments, or ``--sweep FILE --method M [--dataset D] [--backbone B]
+[--seed_everything S] [--<grid key>=v ...]`` to rebuild one point of a sweep (what W&B sweep agents call).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import resource
-import subprocess
-import sys
-import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from petl_bench.paths import REPO_DIR
+from petl_bench.bench.records import write_json_atomic
 
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+__all__ = ["RunResult", "bench_command", "execute_run", "run_command", "write_json_atomic"]
 
 
 def _peak_memory_mb() -> dict:
@@ -41,24 +33,83 @@ def _peak_memory_mb() -> dict:
     return out
 
 
-def run_command(argv: list[str]) -> int:
-    """``petl-bench run [--result FILE] [--run-dir DIR] <LightningCLI args>``: fit + test + record."""
+@dataclass
+class RunResult:
+    """What `execute_run` leaves behind: the record, the trainer, and its still-open loggers (`close` finishes them)."""
+
+    record: dict
+    trainer: object
+    wandb_loggers: list = field(default_factory=list)
+
+    @property
+    def wandb_run(self):
+        """The W&B run of the first W&B logger, or None."""
+        return self.wandb_loggers[0]._experiment if self.wandb_loggers else None
+
+    def close(self) -> None:
+        from petl_bench.bench.wandb_logging import finish
+
+        for logger in self.wandb_loggers:
+            finish(logger)
+
+
+def _bind_loggers(trainer, method: str, label: str, dataset: str, backbone: str, seed) -> list:
+    """Point the run's loggers at its ``default_root_dir`` and name its W&B run; returns the W&B loggers.
+
+    Without this, every run of a sweep would share ``logs/`` (CSV versions racing between parallel runs, W&B folders
+    mixed together). The CSV logger is re-created there; the W&B logger is bound before its run starts.
+    """
+    from lightning.pytorch.loggers import CSVLogger
+
+    from petl_bench.bench.wandb_logging import BenchWandbLogger
+
+    root = Path(trainer.default_root_dir)
+    loggers, wandb_loggers = [], []
+    for logger in trainer.loggers:
+        if isinstance(logger, BenchWandbLogger):
+            logger.bind_run(root, name=label, group=dataset, tags=[str(backbone), f"seed{seed}"],
+                            config={"method": method, "label": label, "dataset": dataset,
+                                    "backbone": backbone, "seed": seed})
+            wandb_loggers.append(logger)
+        elif isinstance(logger, CSVLogger):
+            logger = CSVLogger(save_dir=root, name="csv", version=0)
+        loggers.append(logger)
+    # W&B first: Trainer.log_dir (where RetrievalMetrics writes test_metrics.json) is then the run's root itself
+    trainer.loggers = sorted(loggers, key=lambda lg: not isinstance(lg, BenchWandbLogger))
+    return wandb_loggers
+
+
+def execute_run(argv: list[str]) -> RunResult:
+    """Fit (when something trains), test, write the record; loggers stay open until `RunResult.close`.
+
+    ``argv``: ``[--result FILE] [--method NAME] [--label NAME] [--dataset NAME] <LightningCLI args>``.
+    """
+    from petl_bench.bench.wandb_logging import publish_record
     from petl_bench.cli import make_cli
     from petl_bench.metrics import RetrievalMetrics
 
-    p = argparse.ArgumentParser(prog="petl-bench run", add_help=False)
+    p = argparse.ArgumentParser(prog="petl-bench run", add_help=False, allow_abbrev=False)
     p.add_argument("--result", default=None, help="where to write the run's JSON record")
     p.add_argument("--method", default=None, help="method name recorded in the result (default: model class)")
+    p.add_argument("--label", default=None, help="the run's row / W&B name (default: the method)")
+    p.add_argument("--dataset", default=None,
+                   help="the benchmark's name for this data: the record's dataset and the W&B group (default: "
+                        "data.dataset; sweeps pass their dataset, e.g. msrvtt_7k for the 7k-train MSR-VTT config)")
     a, rest = p.parse_known_args(argv)
     cli = make_cli(rest, run=False)
     model, dm, trainer = cli.model, cli.datamodule, cli.trainer
     metrics_cb = next(cb for cb in trainer.callbacks if isinstance(cb, RetrievalMetrics))
+    method = a.method or type(model).__name__
+    label = a.label or method
+    seed = cli.config.get("seed_everything")
+    dataset = a.dataset or dm.hparams.dataset
+    wandb_loggers = _bind_loggers(trainer, method, label, dataset, model.hparams.backbone, seed)
     counts = model.parameter_counts()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
-    record: dict = {"method": a.method or type(model).__name__, "backbone": model.hparams.backbone,
-                    "pretrained": model.hparams.pretrained, "seed": cli.config.get("seed_everything"),
+    record: dict = {"method": method, "label": label, "dataset": dataset,
+                    "backbone": model.hparams.backbone, "pretrained": model.hparams.pretrained, "seed": seed,
                     "params": counts, "trainable_percent": 100.0 * counts["trainable"] / counts["total"]}
     train_seconds, ckpt_bytes, samples = 0.0, 0, 0
     if counts["trainable"] > 0:
@@ -81,10 +132,64 @@ def run_command(argv: list[str]) -> int:
                         "precision": str(trainer.precision)},
         "config": _plain(cli.config),
     })
-    if a.result and trainer.global_rank == 0:
-        write_json_atomic(Path(a.result), record)
-        print(f"wrote {a.result}")
+    if trainer.global_rank == 0:
+        for logger in wandb_loggers:
+            publish_record(logger, record)
+        if a.result:
+            write_json_atomic(Path(a.result), record)
+            print(f"wrote {a.result}")
+    return RunResult(record, trainer, wandb_loggers)
+
+
+def run_command(argv: list[str]) -> int:
+    """``petl-bench run [--result FILE] [--method M] [--label L] <LightningCLI args>`` or ``run --sweep FILE ...``."""
+    if any(arg == "--sweep" or arg.startswith("--sweep=") for arg in argv):
+        argv = _sweep_point_args(argv)
+        if argv is None:
+            return 0
+    result = execute_run(argv)
+    result.close()
     return 0
+
+
+def _sweep_point_args(argv: list[str]) -> list[str] | None:
+    """``--sweep FILE --method M ...`` → the arguments the sweep itself would give this point (None: finished)."""
+    from petl_bench.bench.sweep import SweepSpec, SweepSpecError, parse_grid_args
+
+    p = argparse.ArgumentParser(prog="petl-bench run --sweep", allow_abbrev=False)
+    p.add_argument("--sweep", required=True, help="the sweep file (experiments/<name>.yaml)")
+    p.add_argument("--method", required=True)
+    p.add_argument("--dataset", default=None, help="default: the sweep's only dataset")
+    p.add_argument("--backbone", default=None, help="default: the sweep's only backbone")
+    p.add_argument("--seed_everything", type=int, default=None, help="default: the sweep's first seed")
+    p.add_argument("--results", default="results")
+    p.add_argument("--force", action="store_true", help="run even when the result file exists")
+    a, rest = p.parse_known_args(argv)
+    spec = SweepSpec.load(a.sweep)
+
+    def only(values, what: str, given):
+        if given is not None:
+            if given not in values:
+                raise SweepSpecError(f"{a.sweep}: {what} {given!r} is not in the sweep ({', '.join(map(str, values))})")
+            return given
+        if len(values) != 1:
+            raise SweepSpecError(f"{a.sweep} has several {what}s ({', '.join(map(str, values))}): pass --{what}")
+        return values[0]
+
+    dataset = only(spec.datasets, "dataset", a.dataset)
+    backbone = only(spec.backbones, "backbone", a.backbone)
+    if a.method not in spec.methods:
+        raise SweepSpecError(f"{a.sweep}: method {a.method!r} is not in the sweep ({', '.join(spec.methods)})")
+    seed = spec.seeds[0] if a.seed_everything is None else a.seed_everything
+    if a.method in spec.seedless and seed != spec.seeds[0]:
+        print(f"[skip] {a.method} is seedless in {a.sweep}: only seed {spec.seeds[0]} runs")
+        return None
+    grid, extra = parse_grid_args(spec, rest)
+    run = spec.build_run(Path(a.results), dataset, a.method, backbone, seed, grid)
+    if run.result.exists() and not a.force:
+        print(f"[skip] {run.result} exists (--force to redo)")
+        return None
+    return [*run.run_args(), *extra]
 
 
 def _plain(config) -> dict:
@@ -103,79 +208,23 @@ def _plain(config) -> dict:
     return conv(config)
 
 
-# ---------------------------------------------------------------------- the grid
-def load_bench_spec(dataset: str) -> dict:
-    path = REPO_DIR / "experiments" / f"{dataset}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"no benchmark definition for {dataset!r}: expected {path}")
-    with open(path, encoding="utf-8") as f:
-        spec = yaml.safe_load(f)
-    for key in ("configs", "methods"):
-        if key not in spec:
-            raise KeyError(f"{path}: missing key {key!r}")
-    return spec
-
-
-def run_commands(spec: dict, results_dir: Path, seeds: list[int]) -> list[tuple[str, int, Path, list[str]]]:
-    from petl_bench.methods import method_names
-
-    methods = method_names() if spec["methods"] == "all" else list(spec["methods"])
-    runs = []
-    for method in methods:
-        for seed in seeds:
-            name = method if len(seeds) == 1 else f"{method}-seed{seed}"
-            result = results_dir / f"{name}.json"
-            cmd = [sys.executable, "-m", "petl_bench.cli", "run", "--result", str(result), "--method", method,
-                   f"--seed_everything={seed}"]
-            for cfg in spec["configs"]:
-                cmd += ["--config", str(REPO_DIR / cfg)]
-            cmd += ["--config", str(REPO_DIR / "configs" / "model" / f"{method}.yaml")]
-            for cfg in spec.get("model_configs", []):  # e.g. the backbone, after the method's own config
-                cmd += ["--config", str(REPO_DIR / cfg)]
-            for key, value in {**spec.get("overrides", {}).get("all", {}),
-                               **spec.get("overrides", {}).get(method, {})}.items():
-                cmd.append(f"--{key}={value}")
-            cmd.append(f"--trainer.default_root_dir={results_dir / 'runs' / name}")
-            runs.append((method, seed, result, cmd))
-    return runs
-
-
+# ---------------------------------------------------------------------- make bench
 def bench_command(argv: list[str]) -> int:
-    """``petl-bench bench [--dataset D] [--seeds N] [--force] [--methods ...]``."""
-    from petl_bench.bench.report import write_report
+    """``petl-bench bench [--dataset D] [--seeds N] [--methods ...]``: the sweep experiments/<D>.yaml for one dataset."""
+    from petl_bench.bench.sweep import SweepSpec, add_execution_args, bench_spec_path, run_sweep
 
-    p = argparse.ArgumentParser(prog="petl-bench bench", description="Fit and test every method on one dataset.")
+    p = argparse.ArgumentParser(prog="petl-bench bench", allow_abbrev=False,
+                                description="Fit and test every method of experiments/<dataset>.yaml on that dataset "
+                                            "(a sweep; finished runs are skipped, failed ones recorded).")
     p.add_argument("--dataset", default="synthetic")
-    p.add_argument("--seeds", type=int, default=1, help="number of seeds (0..N-1)")
-    p.add_argument("--methods", nargs="*", default=None, help="subset of methods (default: the benchmark's list)")
-    p.add_argument("--results", default="results", help="results folder (default: results/)")
-    p.add_argument("--force", action="store_true", help="redo finished runs")
-    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="seeds 0..N-1 (default 1: results/<dataset>/<method>.json; seed k>0 adds <method>.seed<k>.json)")
+    p.add_argument("--methods", nargs="*", default=None, help="subset of methods (default: the sweep's list)")
+    add_execution_args(p)
     a = p.parse_args(argv)
-    spec = load_bench_spec(a.dataset)
-    if a.methods:
-        spec["methods"] = a.methods
-    results_dir = Path(a.results) / a.dataset
-    if spec.get("prepare") == "synthetic" and not a.dry_run:
-        subprocess.run([sys.executable, "-m", "petl_bench.cli", "synth"], check=True)
-    failures = []
-    for method, seed, result, cmd in run_commands(spec, results_dir, list(range(a.seeds))):
-        if a.dry_run:
-            print(" ".join(cmd))
-            continue
-        if result.exists() and not a.force:
-            print(f"[skip] {result} exists (FORCE=1 to redo)")
-            continue
-        print(f"[run] {method} seed {seed}", flush=True)
-        proc = subprocess.run(cmd)
-        if proc.returncode != 0:
-            failures.append(f"{method} seed {seed} (exit {proc.returncode})")
-            print(f"[fail] {method} seed {seed}: exit code {proc.returncode}", file=sys.stderr)
-    if a.dry_run:
-        return 0
-    report = write_report(results_dir)
-    print(report.read_text())
-    if failures:
-        print("failed runs: " + "; ".join(failures), file=sys.stderr)
-        return 1
-    return 0
+    if a.seeds < 1:
+        p.error(f"--seeds must be >= 1, got {a.seeds}")
+    spec = SweepSpec.load(bench_spec_path(a.dataset))
+    datasets = [a.dataset] if a.dataset in spec.datasets else None
+    spec = spec.narrowed(datasets, a.methods or None, range(a.seeds))
+    return run_sweep(spec, a.results, parallel=a.parallel, force=a.force, dry_run=a.dry_run, report=not a.no_report)

@@ -76,9 +76,6 @@ def measure(method: str, backbone: str, batch: int, frames: int, words: int, pre
            "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda"
            else None,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    del model, optimizer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -105,6 +102,8 @@ def speed_command(argv: list[str]) -> int:
         try:
             rows.append(measure(method, a.backbone, a.batch, a.frames, a.words, a.precision, a.steps, a.warmup,
                                 device))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the method's model is gone: give its memory back before the next one
         except torch.OutOfMemoryError:
             rows.append({"method": method, "backbone": a.backbone, "error": "out of memory"})
             torch.cuda.empty_cache()
@@ -113,8 +112,9 @@ def speed_command(argv: list[str]) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if a.json:
-        from petl_bench.bench.run import write_json_atomic
         from pathlib import Path
+
+        from petl_bench.bench.run import write_json_atomic
 
         write_json_atomic(Path(a.json), {"rows": rows})
     from rich.console import Console

@@ -9,6 +9,7 @@ order (later ones win), then ``--key=value`` overrides::
     exclude:   [cross_modal_adapter_msvd]          #    left out of "all"
     backbones: [tiny_synthetic]                    # 4. configs/backbone/<backbone>.yaml, after the method's config
     seeds:     3                                   # 5. --seed_everything=k for k in 0..2 (or a list of seeds)
+    seedless:  [zero_shot]                         #    methods that train nothing: the first seed only
     grid:      {model.init_args.lr: [1.0e-3, 1.0e-4]}  # 6. any LightningCLI key, one run per value
     overrides:                                     # 7. fixed --key=value: "all", then a dataset's, then a method's
       all: {trainer.max_epochs: 4}
@@ -51,7 +52,7 @@ import yaml
 from petl_bench.paths import CONFIG_DIR, REPO_DIR
 
 SPEC_KEYS = {"name", "description", "configs", "datasets", "dataset", "methods", "exclude", "backbones", "seeds",
-             "grid", "overrides", "prepare"}
+             "seedless", "grid", "overrides", "prepare"}
 PREPARE_STEPS = {"synthetic": ["synth"]}
 STDERR_TAIL_LINES = 40
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]")
@@ -123,7 +124,7 @@ class Run:
 
     def run_args(self) -> list[str]:
         """Arguments of ``petl-bench run`` (after the command word)."""
-        args = ["--result", str(self.result), "--method", self.method]
+        args = ["--result", str(self.result), "--method", self.method, "--dataset", self.dataset]
         if self.label != self.method:
             args += ["--label", self.label]
         return [*args, *self.cli_args]
@@ -152,6 +153,7 @@ class SweepSpec:
     backbones: tuple[str | None, ...]
     seeds: tuple[int, ...]
     grid: tuple[tuple[str, tuple[Any, ...]], ...]
+    seedless: tuple[str, ...] = ()
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     prepare: str | None = None
     description: str = ""
@@ -191,7 +193,8 @@ class SweepSpec:
         methods = raw.get("methods", "all")
         methods = list(known_methods) if methods == "all" else as_list("methods")
         exclude = as_list("exclude")
-        for key, names in (("methods", methods), ("exclude", exclude)):
+        seedless = as_list("seedless")
+        for key, names in (("methods", methods), ("exclude", exclude), ("seedless", seedless)):
             for m in names:
                 if m not in known_methods:
                     raise SweepSpecError(f"{path}: {key}: unknown method {m!r} (no configs/model/{m}.yaml); known "
@@ -244,7 +247,7 @@ class SweepSpec:
             configs.append(p)
         return cls(path=path, name=str(raw.get("name") or path.stem), configs=tuple(configs),
                    datasets=tuple(datasets), methods=tuple(methods), backbones=tuple(backbones), seeds=tuple(seeds),
-                   grid=tuple(grid_items), overrides={k: dict(v) for k, v in overrides.items()}, prepare=prepare,
+                   grid=tuple(grid_items), seedless=tuple(seedless), overrides={k: dict(v) for k, v in overrides.items()}, prepare=prepare,
                    description=str(raw.get("description") or ""))
 
     def narrowed(self, datasets: Sequence[str] | None = None, methods: Sequence[str] | None = None,
@@ -316,6 +319,8 @@ class SweepSpec:
         grid_keys = [k for k, _ in self.grid]
         for dataset, method, backbone, values, seed in itertools.product(
                 self.datasets, self.methods, self.backbones, grid_values, self.seeds):
+            if method in self.seedless and seed != self.seeds[0]:
+                continue  # nothing trains: every seed gives the same numbers
             out.append(self.build_run(Path(results), dataset, method, backbone, seed, dict(zip(grid_keys, values))))
         names = [(r.dataset, r.name) for r in out]
         clashes = sorted({n for n in names if names.count(n) > 1})
@@ -424,16 +429,22 @@ class SweepRunner:
         start = time.perf_counter()
         with open(run.run_dir / "stdout.log", "w", encoding="utf-8") as out, \
                 open(run.run_dir / "stderr.log", "w", encoding="utf-8") as err:
-            # a new session: an interrupted sweep can stop a run together with its data-loader workers
-            proc = subprocess.Popen(run.command(), stdout=out, stderr=err, env=env, cwd=os.getcwd(),
-                                    start_new_session=True)
-            with self._lock:
-                self._procs[proc.pid] = proc
             try:
-                returncode = proc.wait()
-            finally:
+                # a new session: an interrupted sweep can stop a run together with its data-loader workers
+                proc = subprocess.Popen(run.command(), stdout=out, stderr=err, env=env, cwd=os.getcwd(),
+                                        start_new_session=True)
+            except OSError as error:  # e.g. the interpreter vanished: record it like any other failure
+                err.write(f"could not start {run.command()[0]}: {error}\n")
+                proc = None
+                returncode = 127
+            if proc is not None:
                 with self._lock:
-                    self._procs.pop(proc.pid, None)
+                    self._procs[proc.pid] = proc
+                try:
+                    returncode = proc.wait()
+                finally:
+                    with self._lock:
+                        self._procs.pop(proc.pid, None)
         seconds = time.perf_counter() - start
         if returncode == 0 and run.result.exists():
             run.failed.unlink(missing_ok=True)
@@ -473,7 +484,7 @@ class SweepRunner:
         outcomes = [RunOutcome(r, "skipped") for r in self.runs if not self.force and r.result.exists()]
         todo = self.pending()
         for o in outcomes:
-            self.console.print(f"[dim][skip] {o.run.dataset}/{o.run.name}: {o.run.result} exists[/dim]")
+            self.console.print(f"[dim]\\[skip] {o.run.dataset}/{o.run.name}: {o.run.result} exists[/dim]")
         if not todo:
             return outcomes
         slots = _gpu_slots(self.parallel)
@@ -507,6 +518,8 @@ class SweepRunner:
 
     @staticmethod
     def _announce(console, outcome: RunOutcome) -> None:
+        from rich.markup import escape
+
         run = outcome.run
         if outcome.status == "done":
             metric = ""
@@ -516,10 +529,10 @@ class SweepRunner:
                     metric = f"  T2V R@1 {metrics['t2v/R@1']:.1f}"
             except (OSError, ValueError):
                 pass
-            console.print(f"[green][done][/green] {run.dataset}/{run.name} in {outcome.seconds:.0f} s{metric}")
+            console.print(f"[green]\\[done][/green] {run.dataset}/{run.name} in {outcome.seconds:.0f} s{metric}")
         else:
-            console.print(f"[red][fail][/red] {run.dataset}/{run.name} after {outcome.seconds:.0f} s: "
-                          f"{outcome.detail} (see {run.failed})")
+            console.print(f"[red]\\[fail][/red] {run.dataset}/{run.name} after {outcome.seconds:.0f} s: "
+                          f"{escape(outcome.detail)} (see {run.failed})")
 
 
 class _suppress_lookup:
@@ -551,7 +564,11 @@ def run_sweep(spec: SweepSpec, results: str | Path = "results", parallel: int = 
     if any(force or not r.result.exists() for r in runs):
         prepare(spec)
     runner = SweepRunner(runs, parallel=parallel, force=force)
-    outcomes = runner.run()
+    try:
+        outcomes = runner.run()
+    except KeyboardInterrupt:
+        runner.console.print("sweep interrupted; finished runs are kept, the next sweep goes on from there")
+        return 130
     failed = [o for o in outcomes if o.status == "failed"]
     if report:
         from petl_bench.bench.report import write_report
@@ -561,11 +578,13 @@ def run_sweep(spec: SweepSpec, results: str | Path = "results", parallel: int = 
             if any(folder.glob("*.json")):
                 path = write_report(folder)
                 runner.console.print(f"report: {path}")
+    from rich.markup import escape
+
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
     runner.console.print(f"sweep {spec.name}: {counts['done']} done, {counts['skipped']} skipped, "
                          f"{counts['failed']} failed")
     for o in failed:
-        runner.console.print(f"[red]failed[/red] {o.run.dataset}/{o.run.name}: {o.detail} -> {o.run.failed}")
+        runner.console.print(f"[red]failed[/red] {o.run.dataset}/{o.run.name}: {escape(o.detail)} -> {o.run.failed}")
     return 1 if failed else 0
 
 

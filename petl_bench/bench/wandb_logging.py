@@ -76,6 +76,7 @@ class BenchWandbLogger(WandbLogger):
                                                     "entity": entity}.items() if v is not None}
         super().__init__(name=name, save_dir=save_dir, project=project or os.environ.get("WANDB_PROJECT")
                          or DEFAULT_PROJECT, log_model=log_model, prefix=prefix, **extra)
+        self._wandb_init.pop("anonymous", None)  # deprecated in wandb; passing it only prints a warning
         self._requested_mode = mode
         self._init_timeout = init_timeout
 
@@ -105,7 +106,7 @@ class BenchWandbLogger(WandbLogger):
             if mode == "online":
                 try:
                     return WandbLogger.experiment.fget(self)
-                except Exception as err:  # a network error, a timeout, a rejected key: never stop the run for it
+                except Exception as err:  # noqa: BLE001 - network error, timeout, rejected key: never stop the run
                     rank_zero_warn(f"W&B online start failed ({type(err).__name__}: {err}); logging offline under "
                                    f"{self._save_dir}/wandb (upload later with `wandb sync`)")
                     self._experiment = None

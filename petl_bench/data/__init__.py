@@ -16,4 +16,4 @@ def load_annotations(dataset: str, split: str, root, **options):
     return spec.load(split, Path(root), **options)
 
 
-__all__ = ["DatasetSpec", "dataset_names", "get_dataset", "register_dataset", "load_annotations"]
+__all__ = ["DatasetSpec", "dataset_names", "get_dataset", "load_annotations", "register_dataset"]

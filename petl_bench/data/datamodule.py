@@ -173,10 +173,11 @@ class FrameLoader:
     """
 
     def __init__(self, table: SplitTable, num_frames: int, image_size: int, protocol: str, train: bool,
-                 max_seconds: float | None = None, cache: FrameCache | None = None, dataset: str = ""):
+                 max_seconds: float | None = None, cache: FrameCache | None = None, dataset: str = "",
+                 data_root: str = "<data root>"):
         self.table, self.num_frames, self.image_size = table, num_frames, image_size
         self.protocol, self.train, self.max_seconds = protocol, train, max_seconds
-        self.dataset = dataset
+        self.dataset, self.data_root = dataset, data_root
         self.cached: list[CachedVideo | None] = [
             cache.lookup(video_id, path) if cache is not None else None
             for video_id, path in zip(table.video_ids, table.video_paths)
@@ -204,6 +205,11 @@ class FrameLoader:
 
     def _decode(self, row: int, rng: np.random.Generator | None) -> torch.Tensor:
         path = self.table.video_paths[row]
+        if path is None:  # listed as cached at set-up, but its frames file has gone since
+            raise VideoDecodeError(
+                f"video {self.table.video_ids[row]!r} of {self.dataset}/{self.table.split} has no file under the "
+                "video folder and is no longer in the frame cache; rebuild the cache with `petl-bench prepare`"
+            )
         try:
             source = VideoSource(path, self.image_size)
             usable = usable_frames(source.num_frames, source.fps, self.max_seconds)
@@ -216,7 +222,7 @@ class FrameLoader:
             # one string argument: DataLoader workers re-raise the exception type with the message alone
             raise VideoDecodeError(
                 f"{err}\n(video {self.table.video_ids[row]!r} of {self.dataset}/{self.table.split}) Run `petl-bench "
-                f"prepare {self.dataset} --root <data root> --check-decode` to list every unreadable video before "
+                f"prepare {self.dataset} --root {self.data_root} --check-decode` to list every unreadable video before "
                 "training; fix or remove them (or drop them from the split list)."
             ) from err
 
@@ -438,7 +444,7 @@ class RetrievalDataModule(L.LightningDataModule):
         table = self.table(which)
         cache = self.frame_cache
         loader = FrameLoader(table, self.hparams.num_frames, self.image_size, self.hparams.frame_protocol, train,
-                             self.hparams.max_seconds, cache, self.hparams.dataset)
+                             self.hparams.max_seconds, cache, self.hparams.dataset, str(self.root))
         if cache is not None:
             self._cached_counts[table.split] = loader.num_cached
             uncached = [v for v, e in zip(table.video_ids, loader.cached) if e is None]
@@ -446,9 +452,9 @@ class RetrievalDataModule(L.LightningDataModule):
                 shown = ", ".join(uncached[:5]) + (", ..." if len(uncached) > 5 else "")
                 log.warning(
                     "%s/%s: %d of %d videos are not in the frame cache %s (%s); they are decoded from their files. "
-                    "Run `petl-bench prepare %s --root <data root> --frame-cache %s` to add them.",
+                    "Run `petl-bench prepare %s --root %s --frame-cache %s` to add them.",
                     self.hparams.dataset, table.split, len(uncached), len(table.video_ids), cache.root, shown,
-                    self.hparams.dataset, cache.root)
+                    self.hparams.dataset, self.root, cache.root)
         return loader
 
     def train_dataloader(self) -> DataLoader:

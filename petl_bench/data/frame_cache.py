@@ -171,6 +171,7 @@ class FrameCache:
                     f"frame cache {root} was built with sampling {asdict(cache.sampling)}, not {asdict(sampling)}; "
                     "use another folder (or the same options) so that cached videos agree"
                 )
+            _end_torn_line(root / INDEX_NAME)
             return cache
         (root / FRAMES_DIR).mkdir(parents=True, exist_ok=True)
         manifest = {
@@ -212,22 +213,12 @@ class FrameCache:
         Raises:
             VideoDecodeError: the file cannot be decoded (nothing is written).
         """
-        entry, frames = decode_for_cache(video_id, source, self.image_size, self.sampling)
-        self.store(entry, frames)
+        entry = cache_video(self.root, video_id, source, self.image_size, self.sampling)
+        self.record(entry)
         return entry
 
-    def store(self, entry: CachedVideo, frames: np.ndarray) -> None:
-        """Write a decoded video's frames atomically, then record it in the index."""
-        path = self.root / entry.file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as file:
-                np.save(file, frames, allow_pickle=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    def record(self, entry: CachedVideo) -> None:
+        """Append a video whose frames file is in place to the index (only the builder process writes it)."""
         with open(self.root / INDEX_NAME, "a", encoding="utf-8") as index:
             index.write(entry.to_json() + "\n")
             index.flush()
@@ -304,10 +295,13 @@ def _nearest(cached: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     return np.where(take_left, left, right)
 
 
-def decode_for_cache(
-    video_id: str, source: Path, image_size: int, sampling: CacheSampling
-) -> tuple[CachedVideo, np.ndarray]:
-    """Decode the frames a cache keeps for one video (no writing): the entry and its ``(K, 3, S, S)`` uint8 array."""
+def cache_video(root: Path, video_id: str, source: Path, image_size: int, sampling: CacheSampling) -> CachedVideo:
+    """Decode the frames a cache keeps for one video and write them to ``root/frames`` atomically; return the entry
+    for the index (not yet recorded: worker processes call this, the builder records).
+
+    Raises:
+        VideoDecodeError: the file cannot be decoded (nothing is written).
+    """
     source = Path(source)
     video = VideoSource(source, image_size)
     indices = sampling.indices(video.num_frames, video.fps)
@@ -321,7 +315,17 @@ def decode_for_cache(
         source_bytes=source.stat().st_size,
         source_name=source.name,
     )
-    return entry, frames
+    path = Path(root) / entry.file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            np.save(file, frames, allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return entry
 
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._@+-]")
@@ -392,6 +396,15 @@ def _read_index(path: Path) -> dict[str, CachedVideo]:
     return entries
 
 
+def _end_torn_line(path: Path) -> None:
+    """Close a line an interrupted build left unfinished, so the next append starts a line of its own."""
+    if path.is_file() and path.stat().st_size > 0:
+        with open(path, "rb+") as file:
+            file.seek(-1, os.SEEK_END)
+            if file.read(1) != b"\n":
+                file.write(b"\n")
+
+
 def _lines(path: Path) -> Iterator[str]:
     with open(path, encoding="utf-8", errors="replace") as file:
         for line in file:
@@ -405,8 +418,8 @@ __all__ = [
     "FrameCache",
     "FrameCacheError",
     "VideoDecodeError",
+    "cache_video",
     "cached_positions",
-    "decode_for_cache",
     "frames_file_name",
     "usable_frames",
 ]

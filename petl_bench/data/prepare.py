@@ -22,7 +22,9 @@ import math
 import os
 import sys
 import time
+from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from itertools import islice
 from pathlib import Path
 
 import yaml
@@ -33,7 +35,7 @@ from petl_bench.data.frame_cache import (
     CacheSampling,
     FrameCache,
     FrameCacheError,
-    decode_for_cache,
+    cache_video,
     write_text_atomic,
 )
 from petl_bench.data.video import VideoDecodeError, VideoSource
@@ -72,12 +74,12 @@ def _check_task(video_id: str, path: str, image_size: int) -> tuple[str, str | N
     return video_id, None
 
 
-def _cache_task(video_id: str, path: str, image_size: int, sampling: CacheSampling):
+def _cache_task(root: str, video_id: str, path: str, image_size: int, sampling: CacheSampling):
     try:
-        entry, frames = decode_for_cache(video_id, Path(path), image_size, sampling)
+        entry = cache_video(Path(root), video_id, Path(path), image_size, sampling)
     except VideoDecodeError as err:
-        return video_id, None, None, str(err)
-    return video_id, entry, frames, None
+        return video_id, None, str(err)
+    return video_id, entry, None
 
 
 def _worker_init() -> None:
@@ -87,10 +89,14 @@ def _worker_init() -> None:
 
 
 class _Runner:
-    """Runs tasks in this process (``workers <= 1``) or in a pool of processes, yielding results as they finish."""
+    """Runs tasks in this process (``workers <= 1``) or in a pool of processes, yielding results in order.
+
+    At most a few tasks per worker are in flight, so a slow video does not let finished results pile up.
+    """
 
     def __init__(self, workers: int):
         self.pool = None
+        self.window = 4 * max(1, workers)
         if workers > 1:
             import multiprocessing
 
@@ -102,12 +108,17 @@ class _Runner:
             for arguments in argument_tuples:
                 yield fn(*arguments)
             return
-        futures: list[Future] = [self.pool.submit(fn, *arguments) for arguments in argument_tuples]
+        todo = iter(argument_tuples)
+        pending: deque[Future] = deque(self.pool.submit(fn, *arguments) for arguments in islice(todo, self.window))
         try:
-            for future in futures:
-                yield future.result()
+            while pending:
+                result = pending.popleft().result()
+                following = next(todo, None)
+                if following is not None:
+                    pending.append(self.pool.submit(fn, *following))
+                yield result
         finally:
-            for future in futures:
+            for future in pending:
                 future.cancel()
 
     def close(self) -> None:
@@ -208,6 +219,9 @@ def prepare_dataset(
                          present_captions=sum(len(c) for v, c in items if v in found.present))
             if cache is not None:  # a run reads these from the cache although their files are gone
                 entry["missing_but_cached"] = sum(cache.lookup(v, None) is not None for v in found.missing)
+            if items and not found.present and not entry.get("missing_but_cached") and (explicit or split in needed):
+                errors.append(f"{split}: none of the {len(items):,} listed videos exist under {video_root}; check "
+                              "--video-root and the file names (a run stops here)")
         entry["unreadable"] = []
         report["splits"][split] = entry
 
@@ -246,14 +260,14 @@ def prepare_dataset(
 def _build_cache(cache: FrameCache, present: dict[str, Path], unreadable: dict[str, str], runner: _Runner,
                  progress: bool, console, dataset: str) -> dict:
     reused = {v for v, p in present.items() if cache.lookup(v, p) is not None}
-    todo = [(v, str(p), cache.image_size, cache.sampling) for v, p in present.items()
+    todo = [(str(cache.root), v, str(p), cache.image_size, cache.sampling) for v, p in present.items()
             if v not in reused and v not in unreadable]
     added, failed = 0, 0
     with _progress(progress, console) as bar:
         task = bar.add_task(f"{dataset}: caching frames", total=len(todo))
-        for video_id, entry, frames, problem in runner.map(_cache_task, todo):
+        for video_id, entry, problem in runner.map(_cache_task, todo):
             if problem is None:
-                cache.store(entry, frames)
+                cache.record(entry)
                 added += 1
             else:
                 unreadable[video_id] = problem
@@ -309,7 +323,7 @@ def prepare_command(argv: list[str]) -> int:
     from rich.console import Console
 
     a = build_parser().parse_args(argv)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # paths stay whole, to be copied
     defaults = config_defaults(a.dataset)
     options = dict(defaults.get("dataset_options") or {})
     options.update(dict(a.option))
@@ -343,8 +357,8 @@ def print_report(report: dict, console) -> None:
         table.add_column(column, justify="left" if column == "split" else "right")
     for split, entry in report["splits"].items():
         unreadable = len(entry["unreadable"]) if report.get("checked_decoding") else "not checked"
-        table.add_row(split, f"{entry['listed']:,}", f"{entry.get('present', 0):,}", f"{entry.get('missing', 0):,}",
-                      f"{entry['captions']:,}", str(unreadable))
+        present, missing = (f"{entry[key]:,}" if key in entry else "-" for key in ("present", "missing"))
+        table.add_row(split, f"{entry['listed']:,}", present, missing, f"{entry['captions']:,}", str(unreadable))
     console.print(table)
     for split, entry in report["splits"].items():
         if entry.get("missing"):

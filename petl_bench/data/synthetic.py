@@ -110,9 +110,13 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _render(
-    rng: np.random.Generator, color: str, shape: str, motion: str | None, num_frames: int, size: int
+    rng: np.random.Generator, color: str, shape: str, motion: str | None, num_frames: int, size: int,
+    centres: list | None = None,
 ) -> np.ndarray:
-    """Frames (T, H, W, 3) uint8 of one shape moving in `motion` (or standing still when `motion` is None)."""
+    """Frames (T, H, W, 3) uint8 of one shape moving in `motion` (or standing still when `motion` is None).
+
+    When `centres` is a list, the shape's (x, y) centre in each frame is appended to it.
+    """
     background = _background(rng, size)
     rgb = np.clip(np.array(COLORS[color], dtype=np.float64) + rng.integers(-12, 13, size=3), 0, 255)
     radius = rng.uniform(0.10, 0.16) * size
@@ -134,6 +138,8 @@ def _render(
     dx = pixel[None, None, :] - centre_x[:, None, None]
     dy = pixel[None, :, None] - centre_y[:, None, None]
     coverage = _shape_coverage(shape, dx, dy, radius)[..., None]
+    if centres is not None:
+        centres.extend(zip(centre_x.tolist(), centre_y.tolist()))
     frames = background[None] * (1.0 - coverage) + rgb * coverage
     return np.clip(np.rint(frames), 0, 255).astype(np.uint8)
 
@@ -365,11 +371,13 @@ def _complete(root: Path, params: dict) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------------- stills
-def still_images(n: int, size: int = 64, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+def still_images(n: int, size: int = 64, seed: int = 0, positions: bool = False) -> tuple[torch.Tensor, list[str]]:
     """`n` single frames (uint8 ``(n, 3, size, size)``) with captions like "a red circle", for pre-training CLIP.
 
     The same renderer as the clips without motion; colour-shape combinations cycle in seeded orders so every
-    combination appears equally often (within one) in any n.
+    combination appears equally often (within one) in any n. With ``positions=True`` the caption also says where the
+    shape is ("a red circle at the top left", "... in the centre"): a CLIP trained on those knows where things are in
+    a frame, as OpenAI's CLIP roughly does — what a video model needs to tell motion directions apart.
     """
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
@@ -380,9 +388,22 @@ def still_images(n: int, size: int = 64, seed: int = 0) -> tuple[torch.Tensor, l
     captions = []
     for i, combo_index in enumerate(order):
         color, shape = combos[combo_index]
-        images[i] = _render(rng, color, shape, None, 1, size)[0]
-        captions.append(caption(STILL_TEMPLATE, color, shape))
+        centres: list = []
+        images[i] = _render(rng, color, shape, None, 1, size, centres)[0]
+        text = caption(STILL_TEMPLATE, color, shape)
+        captions.append(f"{text} {position_phrase(*centres[0], size)}" if positions else text)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions
+
+
+def position_phrase(x: float, y: float, size: int) -> str:
+    """Where a point lies in a frame, in thirds: "at the top left", "on the right", "in the centre", ..."""
+    column = ("left", "", "right")[min(2, int(3 * x / size))]
+    row = ("top", "", "bottom")[min(2, int(3 * y / size))]
+    if row and column:
+        return f"at the {row} {column}"
+    if row or column:
+        return f"{'at' if row else 'on'} the {row or column}"
+    return "in the centre"
 
 
 # ------------------------------------------------------------------------------------------------------- order pairs

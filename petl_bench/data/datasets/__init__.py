@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 # (video_id, [captions]) in split order; paragraph datasets give one caption (the joined paragraph) per video.
 Items = list[tuple[str, list[str]]]

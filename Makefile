@@ -6,6 +6,8 @@ DATASET ?= synthetic
 SEEDS ?= 1
 PARALLEL ?= 1
 SWEEP ?= experiments/$(DATASET).yaml
+# the committed copy of the report (report.md + plots) that `make bench` / `make report` refresh; RECORD= skips it
+RECORD ?= experiments/$(DATASET)
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 # One BLAS/OpenMP thread per process: on a small CPU machine the data-loader workers share the cores, and spinning
@@ -30,12 +32,14 @@ test-all:  ## everything
 
 bench:  ## sweep every method of experiments/$(DATASET).yaml on $(DATASET); SEEDS=3 for mean ± std; FORCE=1 redoes runs; PARALLEL=N
 	$(PY) -m petl_bench.cli bench --dataset $(DATASET) --seeds $(SEEDS) --parallel $(PARALLEL) $(if $(FORCE),--force,)
+	$(if $(RECORD),$(PY) -m petl_bench.cli report --dataset $(DATASET) --out $(RECORD) > /dev/null,)
 
 sweep:  ## run a whole sweep file (default experiments/$(DATASET).yaml, all its seeds); DRY=1 prints the commands
 	$(PY) -m petl_bench.cli sweep $(SWEEP) --parallel $(PARALLEL) $(if $(FORCE),--force,) $(if $(DRY),--dry-run,)
 
-report:  ## rewrite results/$(DATASET)/report.md and its plots from the run records
+report:  ## rewrite results/$(DATASET)/report.md and its plots from the run records, and the recorded copy in $(RECORD)
 	$(PY) -m petl_bench.cli report --dataset $(DATASET)
+	$(if $(RECORD),$(PY) -m petl_bench.cli report --dataset $(DATASET) --out $(RECORD) > /dev/null,)
 
 params:  ## trainable / total parameters of every method on ViT-B/32
 	$(PY) -m petl_bench.cli params --backbone ViT-B-32

@@ -75,18 +75,17 @@ def params_command(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------------- synth
 def synth_command(argv: list[str]) -> int:
-    from petl_bench.data.synthetic import generate_synthetic
-    from petl_bench.paths import cache_dir
+    from petl_bench.data.synthetic import default_root, generate_synthetic
     from petl_bench.pretrain import synthetic_checkpoint
 
     p = argparse.ArgumentParser(prog="petl-bench synth",
                                 description="Generate the synthetic clips and the synthetic pre-trained backbone.")
-    p.add_argument("--root", default=None, help="output folder (default: <cache>/synthetic)")
+    p.add_argument("--root", default=None, help="output folder (default: <cache>/synthetic-v<N>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-backbone", action="store_true", help="only the clips")
     a = p.parse_args(argv)
-    root = a.root or str(cache_dir() / "synthetic")
+    root = a.root or str(default_root())
     generate_synthetic(root, seed=a.seed, overwrite=a.overwrite)
     print(f"synthetic clips: {root}")
     if not a.no_backbone:

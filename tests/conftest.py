@@ -21,11 +21,11 @@ SHARED_ANNOTATIONS = REPO.parent / "shared" / "annotations"
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
-    """A small synthetic set (clips + annotations) generated once per test session."""
+    """A small synthetic set generated once per test session: 24 train clips, 7 test order pairs + 4 singles."""
     from petl_bench.data.synthetic import generate_synthetic
 
     root = tmp_path_factory.mktemp("synthetic")
-    generate_synthetic(root, num_train=24, num_test=14, num_frames=8, size=32, seed=0)
+    generate_synthetic(root, num_train=24, num_test=14, test_singles=4, num_frames=8, size=32, seed=0)
     return root
 
 

@@ -83,12 +83,13 @@ def test_bad_sources_are_clear():
         CLIPBackbone("ViT-Q-99", pretrained=None)
 
 
-def test_synthetic_backbone_knows_colours_and_shapes(synthetic_backbone):
-    """The synthetic stand-in is really pre-trained: zero-shot it names the colour and shape of a still."""
+@pytest.mark.parametrize("positions", [False, True])
+def test_synthetic_backbone_knows_colours_shapes_and_positions(synthetic_backbone, positions):
+    """The synthetic stand-in is really pre-trained: zero-shot it names a still's colour and shape, and where it is."""
     from petl_bench.data.synthetic import still_images
 
     model = CLIPBackbone("petl-tiny-vit", pretrained=str(synthetic_backbone)).eval()
-    images, captions = still_images(120, 32, seed=123)
+    images, captions = still_images(120, 32, seed=123, positions=positions)
     classes = sorted(set(captions))
     tok = open_clip.get_tokenizer("petl-tiny-vit")(classes, context_length=16)
     with torch.no_grad():

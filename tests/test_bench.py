@@ -37,7 +37,7 @@ def test_two_methods_two_seeds_then_everything_is_skipped(synthetic_root, synthe
         rec = json.loads((folder / f"{name}.json").read_text())
         assert rec["seed"] == (1 if name.endswith("seed1") else 0)
         assert rec["dataset"] == "synthetic" and rec["label"] == name.split(".")[0]
-        assert rec["data"]["test_videos"] == 14 and 0 <= rec["metrics"]["t2v/R@1"] <= 100
+        assert rec["data"]["test_videos"] == 18 and 0 <= rec["metrics"]["t2v/R@1"] <= 100
         # the run's W&B folder is under its default_root_dir, offline, one per run
         offline = list((folder / "runs" / name / "wandb").glob("offline-run-*/run-*.wandb"))
         assert len(offline) == 1 and offline[0].stat().st_size > 0

@@ -40,7 +40,7 @@ def test_fit_then_test_through_lightning_cli(synthetic_root, synthetic_backbone,
     main(["fit", *_tiny_args(synthetic_root, tmp_path, "cross_modal_adapter")])
     main(["test", *_tiny_args(synthetic_root, tmp_path, "zero_shot")])
     record = json.loads((tmp_path / "test_metrics.json").read_text())
-    assert record["num_videos"] == 14 and record["num_captions"] == 14
+    assert record["num_videos"] == 18 and record["num_captions"] == 18
     assert set(record["metrics"]) >= {"t2v/R@1", "v2t/R@1", "t2v/MdR", "order_pairs/accuracy"}
 
 
@@ -52,14 +52,14 @@ def test_run_writes_a_complete_record(synthetic_root, synthetic_backbone, tmp_pa
     assert rec["method"] == "cross_modal_adapter" and rec["backbone"] == "petl-tiny-vit"
     assert rec["params"]["trainable"] > 0 and rec["params"]["total"] > rec["params"]["trainable"]
     assert rec["efficiency"]["checkpoint_bytes"] > 0 and rec["efficiency"]["train_steps"] == 2
-    assert rec["data"]["test_videos"] == 14 and rec["data"]["frame_protocol"] == "uniform"
+    assert rec["data"]["test_videos"] == 18 and rec["data"]["frame_protocol"] == "uniform"
     assert 0 <= rec["metrics"]["t2v/R@1"] <= 100
     assert rec["config"]["model"]["init_args"]["backbone"] == "petl-tiny-vit"
 
 
 @pytest.mark.slow
 def test_ddp_evaluation_of_the_real_module_equals_single_process(synthetic_root, synthetic_backbone, tmp_path):
-    """2 CPU processes (gloo) on an odd set — 13 videos, one clip missing — give exactly the 1-process metrics."""
+    """2 CPU processes (gloo) on an odd set — 17 videos, one clip missing — give exactly the 1-process metrics."""
     root = tmp_path / "odd"
     shutil.copytree(synthetic_root, root)
     first = json.loads((root / "annotations/test.json").read_text())[0]["video_id"]
@@ -71,7 +71,7 @@ def test_ddp_evaluation_of_the_real_module_equals_single_process(synthetic_root,
         main(["test", *args, f"--trainer.devices={devices}", "--data.batch_size=3",
               *(["--trainer.strategy=ddp_spawn"] if devices == 2 else [])])
         results[devices] = json.loads((out / "test_metrics.json").read_text())
-    assert results[1]["num_videos"] == 13
+    assert results[1]["num_videos"] == 17
     assert results[2]["metrics"] == results[1]["metrics"]
 
 

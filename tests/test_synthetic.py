@@ -27,7 +27,7 @@ from petl_bench.data.synthetic import (
     still_images,
 )
 
-TINY = {"num_train": 4, "num_test": 4, "num_frames": 6, "size": 32, "fps": 4}
+TINY = {"num_train": 4, "num_test": 4, "test_singles": 2, "num_frames": 6, "size": 32, "fps": 4}
 
 
 def records(root: Path, split: str) -> list[dict]:
@@ -54,7 +54,7 @@ def shape_centroids(frames: np.ndarray, color: str) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------------------ files
 def test_decord_reads_every_clip_with_the_expected_frames_and_size(synthetic_root):
-    for split, count, captions_per_clip in (("train", 24, 2), ("test", 14, 1)):
+    for split, count, captions_per_clip in (("train", 24, 2), ("test", 14 + 4, 1)):
         items = records(synthetic_root, split)
         assert len(items) == count
         for item in items:
@@ -63,7 +63,9 @@ def test_decord_reads_every_clip_with_the_expected_frames_and_size(synthetic_roo
             assert len(item["captions"]) == captions_per_clip
             assert len(set(item["captions"])) == captions_per_clip  # different phrasings
     manifest = json.loads((synthetic_root / "manifest.json").read_text())
-    assert manifest["params"] == {"num_train": 24, "num_test": 14, "num_frames": 8, "size": 32, "fps": 8, "seed": 0}
+    assert manifest["params"] == {
+        "num_train": 24, "num_test": 14, "test_singles": 4, "num_frames": 8, "size": 32, "fps": 8, "seed": 0
+    }
 
 
 def test_captions_describe_the_pixels(synthetic_root):
@@ -89,10 +91,12 @@ def test_test_queries_are_unique(synthetic_root):
 
 
 # ------------------------------------------------------------------------------------------------------ order pairs
-def test_every_test_clip_has_a_reversed_twin_captioned_with_the_opposite_direction(synthetic_root):
+def test_paired_test_clips_have_a_reversed_twin_captioned_with_the_opposite_direction(synthetic_root):
     items = records(synthetic_root, "test")
     pairs = order_pairs(synthetic_root)
-    assert sorted(i for pair in pairs for i in pair) == list(range(len(items)))  # everyone in exactly one pair
+    # the 14 paired clips first, each in exactly one pair; then the 4 singles, in none
+    assert sorted(i for pair in pairs for i in pair) == list(range(14))
+    assert len(items) == 18 and all(item["pair_id"] is None for item in items[14:])
     for a, b in pairs:
         first, second = items[a], items[b]
         assert first["pair_id"] == second["pair_id"]
@@ -111,7 +115,7 @@ def test_every_test_clip_has_a_reversed_twin_captioned_with_the_opposite_directi
 
 
 def test_order_pair_caption_indices(synthetic_root):
-    assert order_pair_caption_indices(synthetic_root) == list(range(14))  # every test caption, 1 per clip
+    assert order_pair_caption_indices(synthetic_root) == list(range(14))  # the paired clips' captions, 1 per clip
     train = records(synthetic_root, "train")
     assert order_pair_caption_indices(train, split="train") == list(range(48))  # 2 captions per clip
     # a clip whose twin is gone is not an order pair: drop clip 0, so clip 1 (now position 0) loses its partner
@@ -146,9 +150,9 @@ def test_generation_is_cached_and_guards_against_other_parameters(tmp_path):
         generate_synthetic(root, **{**TINY, "num_test": 6})
     generate_synthetic(root, **{**TINY, "num_test": 6}, overwrite=True)
     after = records(root, "test")
-    assert len(after) == 6
-    # clip k depends only on (seed, split, k): a bigger set extends the smaller one
-    assert after[:4] == before and np.array_equal(decode_all(clip), frames_before)
+    assert len(after) == 6 + 2  # pairs, then the singles
+    # pair k depends only on (seed, split, k): more pairs extend the smaller set's pairs
+    assert after[:4] == before[:4] and np.array_equal(decode_all(clip), frames_before)
     assert json.loads(manifest.read_text())["params"]["num_test"] == 6
 
     clip.unlink()  # an incomplete set is regenerated

@@ -31,6 +31,7 @@ The same grid can be exported as a W&B sweep (``--export-wandb-sweep``): its age
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -370,7 +371,7 @@ def parse_grid_args(spec: SweepSpec, args: Sequence[str]) -> tuple[dict[str, Any
 @dataclass
 class RunOutcome:
     run: Run
-    status: str  # "done" | "skipped" | "failed"
+    status: str  # "done" | "skipped" | "failed" | "interrupted"
     seconds: float = 0.0
     returncode: int | None = None
     detail: str = ""
@@ -417,15 +418,20 @@ class SweepRunner:
         self.console = console or Console(stderr=True)
         self._procs: dict[int, subprocess.Popen] = {}
         self._lock = threading.Lock()
+        self._stopping = threading.Event()  # set on interrupt: runs stopped by us are not failures
 
     def pending(self) -> list[Run]:
         return [r for r in self.runs if self.force or not r.result.exists()]
 
     def _execute(self, run: Run, env_extra: dict[str, str]) -> RunOutcome:
-        from petl_bench.bench.run import write_json_atomic
+        from petl_bench.bench.records import write_json_atomic
+
+        def stamp():  # a forced redo must write the record anew, not leave the old one standing
+            return run.result.stat().st_mtime_ns if run.result.exists() else None
 
         run.run_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **env_extra}
+        before = stamp()
         start = time.perf_counter()
         with open(run.run_dir / "stdout.log", "w", encoding="utf-8") as out, \
                 open(run.run_dir / "stderr.log", "w", encoding="utf-8") as err:
@@ -446,10 +452,13 @@ class SweepRunner:
                     with self._lock:
                         self._procs.pop(proc.pid, None)
         seconds = time.perf_counter() - start
-        if returncode == 0 and run.result.exists():
+        written = stamp() not in (None, before)
+        if self._stopping.is_set() and not written:
+            return RunOutcome(run, "interrupted", seconds, returncode)
+        if returncode == 0 and written:
             run.failed.unlink(missing_ok=True)
             return RunOutcome(run, "done", seconds, returncode)
-        reason = (f"exit code {returncode}" if returncode != 0 else "exit code 0 but no result file")
+        reason = f"exit code {returncode}" if returncode != 0 else "exit code 0 but no result file written"
         if returncode < 0:
             reason = f"killed by signal {signal.Signals(-returncode).name}"
         tail = _tail(run.run_dir / "stderr.log")
@@ -465,17 +474,18 @@ class SweepRunner:
 
     def stop_all(self) -> None:
         """Terminate every running run's process group (SIGTERM, then SIGKILL after 10 s)."""
+        self._stopping.set()
         with self._lock:
             procs = list(self._procs.values())
         for proc in procs:
-            with _suppress_lookup():
+            with contextlib.suppress(ProcessLookupError):  # it has exited already
                 os.killpg(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
         for proc in procs:
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                with _suppress_lookup():
+                with contextlib.suppress(ProcessLookupError):  # it has exited already
                     os.killpg(proc.pid, signal.SIGKILL)
 
     def run(self) -> list[RunOutcome]:
@@ -535,16 +545,6 @@ class SweepRunner:
                           f"{escape(outcome.detail)} (see {run.failed})")
 
 
-class _suppress_lookup:
-    """Ignore a process that has already exited."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, tb):
-        return kind is not None and issubclass(kind, (ProcessLookupError, PermissionError))
-
-
 def prepare(spec: SweepSpec) -> None:
     """Run the sweep's preparation step once (e.g. generate the synthetic clips and backbone)."""
     if spec.prepare:
@@ -577,6 +577,7 @@ def run_sweep(spec: SweepSpec, results: str | Path = "results", parallel: int = 
             folder = Path(results) / dataset
             if any(folder.glob("*.json")):
                 path = write_report(folder)
+                print(path.read_text(), file=out)
                 runner.console.print(f"report: {path}")
     from rich.markup import escape
 

@@ -28,7 +28,6 @@ from petl_bench.data.datasets import DatasetSpec, Items, get_dataset
 from petl_bench.data.datasets._common import SkippedItemsWarning
 from petl_bench.data.frame_cache import CachedVideo, FrameCache, usable_frames
 from petl_bench.data.video import FRAME_PROTOCOLS, VideoDecodeError, VideoSource, sample_frame_indices
-from petl_bench.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +276,7 @@ class RetrievalDataModule(L.LightningDataModule):
     Args:
         dataset: a registered dataset (``synthetic``, ``msrvtt``, ``msvd``, ``vatex``, ``activitynet``, ``didemo``).
         root: the dataset folder; annotations are read from ``annotation_root`` (default: root) and videos from
-            ``video_root`` (default: root/videos). The synthetic set defaults to ``<cache>/synthetic`` and is
+            ``video_root`` (default: root/videos). The synthetic set defaults to ``<cache>/synthetic-v<N>`` and is
             generated there when missing.
         backbone: open_clip model name, linked from the model: it picks the tokenizer and the frame size.
         num_frames / max_words: frames per video and tokens per caption (linked to the model).
@@ -337,7 +336,9 @@ class RetrievalDataModule(L.LightningDataModule):
         if root is None:
             if dataset != "synthetic":
                 raise ValueError(f"data.root is required for {dataset}: the folder holding its annotations and videos")
-            root = str(cache_dir() / "synthetic")
+            from petl_bench.data.synthetic import default_root
+
+            root = str(default_root())
         self.root = Path(root).expanduser()
         self.annotation_root = Path(annotation_root).expanduser() if annotation_root else self.root
         self.video_root = Path(video_root).expanduser() if video_root else self.root / "videos"

@@ -29,7 +29,7 @@ import torch
 from petl_bench.data.datasets.synthetic import annotation_file, read_synthetic_annotations
 
 # Version of the renderer/encoder; bump it when the generated pixels change so cached roots are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3  # 3: 24-frame clips and test singles (see generate_synthetic)
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -126,7 +126,7 @@ def _render(
         along = np.full(num_frames, rng.uniform(margin, size - margin))
     else:
         travel = min(rng.uniform(0.3, 0.55) * size, size - 2 * margin)
-        start = rng.uniform(margin, size - margin - travel)
+        start = rng.uniform(margin, max(margin, size - margin - travel))  # max: travel may fill the frame
         along = start + travel * np.linspace(0.0, 1.0, num_frames)  # towards +x (right) or +y (down)
         if motion in ("left", "up"):
             along = size - along
@@ -211,10 +211,12 @@ def _test_combos(num_pairs: int, seed: int) -> list[tuple[str, str, str]]:
 
 
 def _generate_split(
-    root: Path, split: str, num_clips: int, num_frames: int, size: int, fps: int, seed: int
+    root: Path, split: str, num_clips: int, num_frames: int, size: int, fps: int, seed: int, singles: int = 0
 ) -> list[dict]:
-    """Render, encode and check the order pairs of one split; returns its annotation records in file order."""
-    test_combos = _test_combos(num_clips // 2, seed) if split == "test" else None
+    """Render, encode and check the order pairs of one split, then `singles` clips without a twin (test split only);
+    returns its annotation records in file order."""
+    num_pairs = num_clips // 2
+    test_combos = _test_combos(num_pairs + math.ceil(singles / 2), seed) if split == "test" else None
     captions_per_clip = _TEST_CAPTIONS_PER_CLIP if split == "test" else _TRAIN_CAPTIONS_PER_CLIP
     records = []
     for pair_index in range(num_clips // 2):
@@ -244,6 +246,19 @@ def _generate_split(
                     "pair_id": pair_id,
                 }
             )
+    for single in range(singles):
+        # Singles share a (colour, shape, axis) two by two, one per direction, each with its own trajectory: unique
+        # captions, and no exact time-reversed twin in the set, so an order-blind model can still rank them.
+        rng = np.random.default_rng([seed, _SPLIT_CODES[split], 1, single])
+        color, shape, axis = test_combos[num_pairs + single // 2]
+        motion = _AXIS_MOTIONS[axis][single % 2]
+        template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
+        frames = _render(rng, color, shape, motion, num_frames, size)
+        video_id = f"synth_{split}_{2 * num_pairs + single:05d}"
+        path = root / "videos" / f"{video_id}.mp4"
+        write_mp4(path, frames, fps)
+        records.append({"video_id": video_id, "captions": [caption(template, color, shape, motion)], "color": color,
+                        "shape": shape, "motion": motion, "pair_id": None})
     return records
 
 
@@ -260,11 +275,19 @@ def _records_json(records: list[dict]) -> str:
     return "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n]\n"
 
 
+def default_root() -> Path:
+    """Where the default synthetic set lives: ``<cache>/synthetic-v<GENERATOR_VERSION>``."""
+    from petl_bench.paths import cache_dir
+
+    return cache_dir() / f"synthetic-v{GENERATOR_VERSION}"
+
+
 def generate_synthetic(
     root: str | Path,
     num_train: int = 512,
-    num_test: int = 128,
-    num_frames: int = 16,
+    num_test: int = 96,
+    test_singles: int = 64,
+    num_frames: int = 24,
     size: int = 64,
     fps: int = 8,
     seed: int = 0,
@@ -277,8 +300,15 @@ def generate_synthetic(
     error unless ``overwrite=True``.
 
     Args:
-        num_train, num_test: clips per split; even, since clips come in order pairs.
-        num_frames: frames per clip (at least 2: motion needs two).
+        num_train, num_test: clips in order pairs per split; even.
+        test_singles: test clips without a twin, after the pairs (default 64, for 160 test clips with unique
+            captions). On the pairs an order-blind model can only tie with the twin, which the pessimistic tie rule
+            counts as a miss; the singles keep the overall numbers informative about everything else (colour, shape,
+            axis of motion).
+        num_frames: frames per clip (at least 2: motion needs two). The default 24 is an odd multiple (3x) of the 8
+            frames the synthetic config samples, so the middle frames of the 8 segments of a clip and of its reversed
+            twin are the same frames in opposite order; with an even multiple (16 = 2 x 8) the twins' evaluation
+            frames would be offset by one, a cue that lets order-blind models beat chance on the order pairs.
         size: frame height and width in pixels; even (yuv420p halves the chroma resolution).
         fps: frame rate written into the mp4 (only the "fps" frame protocol reads it).
     Returns:
@@ -288,6 +318,7 @@ def generate_synthetic(
     params = {
         "num_train": int(num_train),
         "num_test": int(num_test),
+        "test_singles": int(test_singles),
         "num_frames": int(num_frames),
         "size": int(size),
         "fps": int(fps),
@@ -321,7 +352,8 @@ def generate_synthetic(
     counts = {}
     for split, num_clips in (("train", params["num_train"]), ("test", params["num_test"])):
         records = _generate_split(
-            root, split, num_clips, params["num_frames"], params["size"], params["fps"], params["seed"]
+            root, split, num_clips, params["num_frames"], params["size"], params["fps"], params["seed"],
+            singles=params["test_singles"] if split == "test" else 0,
         )
         _write_json_atomic(root / "annotations" / f"{split}.json", _records_json(records))
         counts[split] = len(records)
@@ -338,7 +370,11 @@ def generate_synthetic(
     return root
 
 
-def _check_params(num_train: int, num_test: int, num_frames: int, size: int, fps: int, seed: int) -> None:
+def _check_params(
+    num_train: int, num_test: int, test_singles: int, num_frames: int, size: int, fps: int, seed: int
+) -> None:
+    if test_singles < 0:
+        raise ValueError(f"test_singles must be non-negative, got {test_singles}")
     for name, value in (("num_train", num_train), ("num_test", num_test)):
         if value < 0 or value % 2:
             raise ValueError(f"{name} must be a non-negative even number (clips come in order pairs), got {value}")
@@ -363,7 +399,7 @@ def _complete(root: Path, params: dict) -> bool:
             records = read_synthetic_annotations(path)
         except ValueError:
             return False
-        if len(records) != params[f"num_{split}"]:
+        if len(records) != params[f"num_{split}"] + (params["test_singles"] if split == "test" else 0):
             return False
         if not all((root / "videos" / f"{r['video_id']}.mp4").is_file() for r in records):
             return False

@@ -41,7 +41,8 @@ def test_fit_then_test_through_lightning_cli(synthetic_root, synthetic_backbone,
     main(["test", *_tiny_args(synthetic_root, tmp_path, "zero_shot")])
     record = json.loads((tmp_path / "test_metrics.json").read_text())
     assert record["num_videos"] == 18 and record["num_captions"] == 18
-    assert set(record["metrics"]) >= {"t2v/R@1", "v2t/R@1", "t2v/MdR", "order_pairs/accuracy"}
+    assert set(record["metrics"]) >= {"t2v/R@1", "v2t/R@1", "t2v/MdR", "order_pairs/accuracy", "order_pairs/t2v/R@1"}
+    assert record["metrics"]["order_pairs/num_captions"] == 14  # the singles are not order pairs
 
 
 def test_run_writes_a_complete_record(synthetic_root, synthetic_backbone, tmp_path):

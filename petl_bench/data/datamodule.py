@@ -497,6 +497,10 @@ class RetrievalDataModule(L.LightningDataModule):
                    if twin.get(table.video_ids[v]) in row]
         return {"order_pairs": triples}
 
+    def eval_subsets(self, stage: str) -> dict[str, list[int]]:
+        """Named caption subsets whose T2V metrics are reported beside the full set's: the order pairs' captions."""
+        return {name: sorted({c for c, _, _ in triples}) for name, triples in self.eval_pairs(stage).items()}
+
 
 def _backbone_image_size(backbone: str) -> int:
     cfg = open_clip.get_model_config(backbone)

@@ -163,13 +163,17 @@ def test_bench_dry_run_keeps_the_result_paths_of_make_bench(tmp_path, capsys):
 
 
 def test_failed_run_is_recorded_and_the_sweep_exits_nonzero(tmp_path):
-    """A run whose command cannot even parse its arguments (the cheapest real failure) leaves a .failed.json."""
-    spec = SweepSpec.load(write_spec(tmp_path, methods=["zero_shot"], seeds=1,
+    """A run whose command cannot even parse its arguments (the cheapest real failure) leaves a .failed.json; so does
+    a forced redo of a finished run, whose old record must not pass for the new one."""
+    spec = SweepSpec.load(write_spec(tmp_path, methods=["zero_shot"], seeds=2,
                                      overrides={"all": {"trainer.no_such_option": 1}}))
-    assert run_sweep(spec, tmp_path, report=False) == 1
-    run = spec.runs(tmp_path)[0]
-    failure = json.loads(run.failed.read_text())
-    assert failure["returncode"] != 0 and failure["method"] == "zero_shot" and failure["seed"] == 0
-    assert "no_such_option" in failure["stderr_tail"]
-    assert "trainer.no_such_option" in failure["command"]
-    assert not run.result.exists()
+    fresh, redone = spec.runs(tmp_path)
+    redone.result.parent.mkdir(parents=True)
+    redone.result.write_text("{}")
+    assert run_sweep(spec, tmp_path, force=True, report=False) == 1
+    for run in (fresh, redone):
+        failure = json.loads(run.failed.read_text())
+        assert failure["returncode"] != 0 and failure["method"] == "zero_shot" and failure["seed"] == run.seed
+        assert "no_such_option" in failure["stderr_tail"]
+        assert "trainer.no_such_option" in failure["command"]
+    assert not fresh.result.exists()

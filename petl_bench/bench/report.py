@@ -247,6 +247,9 @@ def plot_r1_vs_trainable(rows: Sequence[Row], path: Path, title: str) -> Path:
     trained = [r for r in rows if r.trainable > 0]
     colors = {row.label: f"C{i % 10}" for i, row in enumerate(rows)}
     for ax, key, name in ((axes[0], "t2v/R@1", "T2V R@1"), (axes[1], "v2t/R@1", "V2T R@1")):
+        values = [s.mean for s in (row.metric(key) for row in rows) if s is not None]
+        y_span = (max(values) - min(values)) if values else 1.0
+        placed: list[tuple[float, float]] = []  # (log10 x, y) of labels so far: near neighbours get stacked labels
         for row in rows:
             s = row.metric(key)
             if s is None:
@@ -257,7 +260,11 @@ def plot_r1_vs_trainable(rows: Sequence[Row], path: Path, title: str) -> Path:
                             textcoords="offset points", xytext=(0, 3), fontsize=7, color=colors[row.label])
                 continue
             ax.errorbar(row.trainable, s.mean, yerr=s.std or 0, fmt="o", color=colors[row.label], capsize=3)
-            ax.annotate(row.label, (row.trainable, s.mean), textcoords="offset points", xytext=(5, 3), fontsize=7)
+            here = (math.log10(row.trainable), s.mean)
+            crowd = sum(abs(here[0] - x) < 0.35 and abs(here[1] - y) < 0.04 * (y_span or 1.0) for x, y in placed)
+            placed.append(here)
+            ax.annotate(row.label, (row.trainable, s.mean), textcoords="offset points", xytext=(5, 3 - 9 * crowd),
+                        fontsize=7)
         if trained:
             ax.set_xscale("log")
             ax.set_xlim(min(r.trainable for r in trained) / 3, max(r.trainable for r in trained) * 4)

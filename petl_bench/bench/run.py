@@ -43,14 +43,12 @@ class RunResult:
 
     @property
     def wandb_run(self):
-        """The W&B run of the first W&B logger, or None."""
-        return self.wandb_loggers[0]._experiment if self.wandb_loggers else None
+        """The live W&B run of the first W&B logger (None without one, or once closed)."""
+        return self.wandb_loggers[0].active_run if self.wandb_loggers else None
 
     def close(self) -> None:
-        from petl_bench.bench.wandb_logging import finish
-
         for logger in self.wandb_loggers:
-            finish(logger)
+            logger.finish()
 
 
 def _bind_loggers(trainer, method: str, label: str, dataset: str, backbone: str, seed) -> list:

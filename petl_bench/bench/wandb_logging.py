@@ -114,6 +114,17 @@ class BenchWandbLogger(WandbLogger):
         return WandbLogger.experiment.fget(self)
 
     @property
+    def active_run(self):
+        """The W&B run once started and until `finish`; None otherwise (unlike ``experiment``, never starts one)."""
+        return self._experiment
+
+    def finish(self) -> None:
+        """Close the W&B run (flushes the offline files); a no-op when it never started."""
+        if self._experiment is not None:
+            self._experiment.finish()
+            self._experiment = None
+
+    @property
     def mode(self) -> str:
         """The mode this logger's run uses (or will use)."""
         return self._wandb_init.get("mode") or resolve_wandb_mode(self._requested_mode)
@@ -129,10 +140,3 @@ def publish_record(logger: WandbLogger, record: dict) -> None:
     for key, value in summary_from_record(record).items():
         run.summary[key] = value
     run.log({"results": wandb.Table(columns=list(RESULT_COLUMNS), data=[result_row(record)])})
-
-
-def finish(logger: WandbLogger) -> None:
-    """Close the logger's W&B run (flushes the offline files); a no-op when it never started."""
-    if logger._experiment is not None:
-        logger._experiment.finish()
-        logger._experiment = None

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import open_clip
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from petl_bench import MODEL_CONFIG_DIR  # noqa: F401  (importing the package registers the tiny configs)
@@ -221,9 +220,9 @@ def reference_encode_image(backbone: CLIPBackbone, frames: torch.Tensor) -> torc
     return backbone.model.encode_image(backbone.normalize(frames))
 
 
-def reference_encode_text(backbone: CLIPBackbone, text: torch.Tensor) -> torch.Tensor:
-    """open_clip's own ``encode_text``, on a context of any length up to the model's."""
-    model = backbone.model
+def open_clip_text_features(model: nn.Module, text: torch.Tensor) -> torch.Tensor:
+    """open_clip's own text tower on an open_clip CLIP, on a context of any length up to the model's (CLIP4Clip
+    tokenises to ``max_words`` < 77 and slices the positional embedding and causal mask to match)."""
     L = text.shape[1]
     x = model.token_embedding(text) + model.positional_embedding[:L]
     x = model.transformer(x, attn_mask=model.attn_mask[:L, :L])
@@ -232,5 +231,6 @@ def reference_encode_text(backbone: CLIPBackbone, text: torch.Tensor) -> torch.T
     return x @ model.text_projection
 
 
-def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=-1)
+def reference_encode_text(backbone: CLIPBackbone, text: torch.Tensor) -> torch.Tensor:
+    """`open_clip_text_features` of a backbone; tests compare the explicit forward with it."""
+    return open_clip_text_features(backbone.model, text)

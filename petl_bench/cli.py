@@ -3,11 +3,12 @@
 - ``petl-bench fit|validate|test --config ...``: LightningCLI over any method (``model:``), the one DataModule
   (``data:``) and a Trainer (``trainer:``); frames and words are linked from data to model, the backbone from model to
   data (tokenizer, frame size). The `RetrievalMetrics` callback is always on (``--metrics.*`` configures it).
-- ``petl-bench run --config ... --result FILE``: fit then test in one process and write the run's record (what
-  `make bench` and sweeps call).
-- ``petl-bench params``, ``synth``, ``prepare``, ``bench``, ``sweep``, ``report``, ``dashboard``,
-  ``speed``: see
-  ``petl-bench <command> --help``.
+- ``petl-bench run --config ... --result FILE [--label NAME --dataset D]``: fit then test in one process and write
+  the run's record (what `make bench` and sweeps call); ``run --sweep FILE --method M [--dataset D --backbone B
+  --seed_everything S --<grid key>=V]`` runs one point of a sweep file (what W&B sweep agents call).
+- ``petl-bench params`` (parameter counts), ``synth`` (synthetic clips + backbone), ``prepare`` (check a dataset
+  folder, build a frame cache), ``bench`` / ``sweep`` (grids of runs), ``report``, ``dashboard`` (W&B report),
+  ``speed`` (step time and memory per method): see ``petl-bench <command> --help``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -34,10 +36,13 @@ class PetlCLI(LightningCLI):
 
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> PetlCLI:
-    return PetlCLI(
-        RetrievalModule, RetrievalDataModule, subclass_mode_model=True, args=args, run=run,
-        save_config_kwargs={"overwrite": True},
-    )
+    with warnings.catch_warnings():
+        # `main` passes sys.argv's tail as `args` on purpose; LightningCLI would warn that both are set
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return PetlCLI(
+            RetrievalModule, RetrievalDataModule, subclass_mode_model=True, args=args, run=run,
+            save_config_kwargs={"overwrite": True},
+        )
 
 
 # ---------------------------------------------------------------------- params

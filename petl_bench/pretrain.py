@@ -23,6 +23,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from petl_bench.backbone import open_clip_text_features
 from petl_bench.paths import cache_dir
 
 RECIPE_VERSION = 2
@@ -82,7 +83,7 @@ def train_synthetic_clip(model_name: str, path: Path, **overrides) -> dict:
     for step in range(recipe["steps"]):
         idx = torch.randint(len(captions), (recipe["batch_size"],), generator=gen)
         img = F.normalize(model.encode_image(pixels[idx]), dim=-1)
-        txt = F.normalize(_encode_short_text(model, tokens[idx]), dim=-1)
+        txt = F.normalize(open_clip_text_features(model, tokens[idx]), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * img @ txt.t()
         same = (caption_ids[idx, None] == caption_ids[None, idx]).float()
         target = same / same.sum(1, keepdim=True)
@@ -105,13 +106,3 @@ def train_synthetic_clip(model_name: str, path: Path, **overrides) -> dict:
 def _caption_ids(captions: list[str]) -> list[int]:
     vocab: dict[str, int] = {}
     return [vocab.setdefault(c, len(vocab)) for c in captions]
-
-
-def _encode_short_text(model, text: torch.Tensor) -> torch.Tensor:
-    """open_clip's text tower on a context shorter than 77 (the same slicing petl_bench.backbone uses)."""
-    L = text.shape[1]
-    x = model.token_embedding(text) + model.positional_embedding[:L]
-    x = model.transformer(x, attn_mask=model.attn_mask[:L, :L])
-    x = model.ln_final(x)
-    x = x[torch.arange(text.shape[0]), text.argmax(dim=-1)]
-    return x @ model.text_projection

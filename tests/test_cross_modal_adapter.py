@@ -13,7 +13,7 @@ from petl_bench.methods import build_method
 from petl_bench.methods.cross_modal_adapter import CrossModalAdapter
 from petl_bench.methods.zero_shot import ZeroShot
 
-TINY = dict(backbone="petl-tiny-vit", pretrained=None, num_frames=4, max_words=16)
+TINY = {"backbone": "petl-tiny-vit", "pretrained": None, "num_frames": 4, "max_words": 16}
 CAPTIONS = ["a red square moves left", "a blue dot moves right", "two bars swap places"]
 ADAPTER_PREFIXES = ("visual_adapters.", "text_adapters.", "shared_up.")
 

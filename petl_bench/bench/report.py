@@ -328,7 +328,9 @@ def write_report(results_dir: Path, out_dir: Path | None = None, plots: bool = T
         table, notes = metric_table(rows, _present_columns(records))
         lines += [*table, ""]
         lines += [("R@K in %, MdR = median rank (lower is better); order-pair acc = % of captions that score their "
-                   "own clip above its time-reversed twin (synthetic only; 50 = blind to order). Trainable % of all "
+                   "own clip strictly above its time-reversed twin (synthetic only; a tie is a miss, so a model blind to "
+                   "order, whose twins tie, scores well below 50). Ties rank pessimistically everywhere: an order-blind "
+                   "model cannot win R@1 on the order pairs. Trainable % of all "
                    "parameters; ckpt = trainable-only checkpoint; train s = wall time of fit."), ""]
         if notes:
             lines += ["Differences smaller than the seed spread:", "", *[f"- {n}" for n in notes], ""]

@@ -113,7 +113,23 @@ def _cpu_threads() -> None:
         torch.set_num_threads(1)
 
 
+# command -> "module:function(argv) -> exit code", imported only when used (the harness pulls in W&B, matplotlib)
+COMMANDS = {
+    "run": "petl_bench.bench.run:run_command",
+    "bench": "petl_bench.bench.run:bench_command",
+    "sweep": "petl_bench.bench.sweep:sweep_command",
+    "report": "petl_bench.bench.report:report_command",
+    "dashboard": "petl_bench.bench.dashboard:dashboard_command",
+    "speed": "petl_bench.bench.speed:speed_command",
+    "prepare": "petl_bench.data.prepare:prepare_command",
+    "params": "petl_bench.cli:params_command",
+    "synth": "petl_bench.cli:synth_command",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    import importlib
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -123,40 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     if command in TRAINER_COMMANDS:
         make_cli([command, *rest])
         return 0
-    if command == "run":
-        from petl_bench.bench.run import run_command
-
-        return run_command(rest)
-    if command == "params":
-        return params_command(rest)
-    if command == "synth":
-        return synth_command(rest)
-    if command == "bench":
-        from petl_bench.bench.run import bench_command
-
-        return bench_command(rest)
-    if command == "sweep":
-        from petl_bench.bench.sweep import sweep_command
-
-        return sweep_command(rest)
-    if command == "dashboard":
-        from petl_bench.bench.dashboard import dashboard_command
-
-        return dashboard_command(rest)
-    if command == "speed":
-        from petl_bench.bench.speed import speed_command
-
-        return speed_command(rest)
-    if command == "prepare":
-        from petl_bench.data.prepare import prepare_command
-
-        return prepare_command(rest)
-    if command == "report":
-        from petl_bench.bench.report import report_command
-
-        return report_command(rest)
-    print(f"unknown command {command!r}\n{__doc__}", file=sys.stderr)
-    return 2
+    if command not in COMMANDS:
+        print(f"unknown command {command!r}\n{__doc__}", file=sys.stderr)
+        return 2
+    module, _, function = COMMANDS[command].partition(":")
+    return getattr(importlib.import_module(module), function)(rest)
 
 
 if __name__ == "__main__":

@@ -36,10 +36,8 @@ report recall over fewer queries than the test set has).
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -47,6 +45,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
+
+from petl_bench.atomic import write_json_atomic
 
 METRIC_NAMES = ("R@1", "R@5", "R@10", "MdR", "MnR")
 RECALL_AT = (1, 5, 10)
@@ -245,21 +245,6 @@ def _cat_padding_frames(pieces: list[torch.Tensor]) -> torch.Tensor:
             piece = grown
         padded.append(piece)
     return torch.cat(padded)
-
-
-def _atomic_write_json(path: str, payload: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
 
 
 class RetrievalMetrics(Callback):
@@ -640,7 +625,7 @@ class RetrievalMetrics(Callback):
             }
             if self.report_dual_softmax:
                 payload["dual_softmax_temperature"] = self.dual_softmax_temperature
-            _atomic_write_json(os.path.join(save_dir, f"{stage}_metrics.json"), payload)
+            write_json_atomic(os.path.join(save_dir, f"{stage}_metrics.json"), payload, sort_keys=True)
 
     def compute(self, sim: torch.Tensor, cap_to_vid: torch.Tensor) -> dict[str, float]:
         """The flat metric dict for one similarity matrix (keys like ``t2v/R@1``, ``v2t/MdR``)."""

@@ -158,10 +158,11 @@ class RetrievalModule(CLIPHooks, L.LightningModule):
             video_emb = self.all_gather(video_emb, sync_grads=True).flatten(0, 1)
             text_emb = self.all_gather(text_emb, sync_grads=True).flatten(0, 1)
             video_mask = self.all_gather(video_mask).flatten(0, 1)
-        logits = self.logit_scale() * self.similarity(text_emb, video_emb, video_mask)
+        scale = self.logit_scale()
+        logits = scale * self.similarity(text_emb, video_emb, video_mask)
         loss = symmetric_infonce(logits)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["text"].shape[0])
-        self.log("train/logit_scale", self.logit_scale().detach(), batch_size=batch["text"].shape[0])
+        self.log("train/logit_scale", scale.detach(), batch_size=batch["text"].shape[0])
         self.log("train/global_batch", float(logits.shape[0]), batch_size=batch["text"].shape[0])
         return loss
 

@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from petl_bench.bench.records import write_json_atomic
+from petl_bench.atomic import write_json_atomic
 from petl_bench.bench.report import aggregate, load_records, report_command, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -6,11 +6,6 @@ Lightning, so the sweep driver and the report stay quick to start.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
-
 # Keys of a run's W&B summary besides the test metrics (``test/<metric>``, e.g. ``test/t2v/R@1``).
 PARAMS_KEYS = ("params/trainable", "params/total", "params/trainable_percent")
 EFFICIENCY_KEYS = ("efficiency/train_seconds", "efficiency/train_steps", "efficiency/train_samples_per_second",
@@ -20,22 +15,6 @@ REPORT_METRICS = (("T2V R@1", "t2v/R@1", True), ("T2V R@5", "t2v/R@5", True), ("
                   ("T2V MdR", "t2v/MdR", False), ("V2T R@1", "v2t/R@1", True), ("V2T R@5", "v2t/R@5", True),
                   ("V2T R@10", "v2t/R@10", True), ("V2T MdR", "v2t/MdR", False),
                   ("order-pair acc", "order_pairs/accuracy", True))
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON through a temporary file and ``os.replace``: a reader never sees half a record."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a record is as readable as any other result file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def summary_from_record(record: dict) -> dict:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from petl_bench.bench.records import write_json_atomic
+from petl_bench.atomic import write_json_atomic
 
-__all__ = ["RunResult", "bench_command", "execute_run", "run_command", "write_json_atomic"]
+__all__ = ["RunResult", "bench_command", "execute_run", "run_command"]
 
 
 def _peak_memory_mb() -> dict:

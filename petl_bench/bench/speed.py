@@ -114,7 +114,7 @@ def speed_command(argv: list[str]) -> int:
     if a.json:
         from pathlib import Path
 
-        from petl_bench.bench.run import write_json_atomic
+        from petl_bench.atomic import write_json_atomic
 
         write_json_atomic(Path(a.json), {"rows": rows})
     from rich.console import Console

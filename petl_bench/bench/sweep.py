@@ -424,7 +424,7 @@ class SweepRunner:
         return [r for r in self.runs if self.force or not r.result.exists()]
 
     def _execute(self, run: Run, env_extra: dict[str, str]) -> RunOutcome:
-        from petl_bench.bench.records import write_json_atomic
+        from petl_bench.atomic import write_json_atomic
 
         def stamp():  # a forced redo must write the record anew, not leave the old one standing
             return run.result.stat().st_mtime_ns if run.result.exists() else None

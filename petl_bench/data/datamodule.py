@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from petl_bench.data.datasets import DatasetSpec, Items, get_dataset
 from petl_bench.data.datasets._common import SkippedItemsWarning
-from petl_bench.data.frame_cache import CachedVideo, FrameCache, usable_frames
-from petl_bench.data.video import FRAME_PROTOCOLS, VideoDecodeError, VideoSource, sample_frame_indices
+from petl_bench.data.frame_cache import CachedVideo, FrameCache
+from petl_bench.data.video import FRAME_PROTOCOLS, VideoDecodeError, VideoSource, pad_frames, read_sampled
 
 log = logging.getLogger(__name__)
 
@@ -196,11 +196,7 @@ class FrameLoader:
             real = self.cache.read(entry, self.num_frames, self.protocol, self.train, rng, self.max_seconds)
         else:
             real = self._decode(row, rng)
-        frames = torch.zeros(self.num_frames, 3, self.image_size, self.image_size, dtype=torch.uint8)
-        frames[: len(real)] = real
-        mask = torch.zeros(self.num_frames, dtype=torch.bool)
-        mask[: len(real)] = True
-        return frames, mask
+        return pad_frames(real, self.num_frames)
 
     def _decode(self, row: int, rng: np.random.Generator | None) -> torch.Tensor:
         path = self.table.video_paths[row]
@@ -211,12 +207,7 @@ class FrameLoader:
             )
         try:
             source = VideoSource(path, self.image_size)
-            usable = usable_frames(source.num_frames, source.fps, self.max_seconds)
-            try:
-                indices = sample_frame_indices(usable, source.fps, self.num_frames, self.protocol, self.train, rng)
-            except ValueError as err:  # e.g. the fps protocol on a file without a frame rate
-                raise VideoDecodeError(f"cannot sample frames of video {path}: {err}") from err
-            return source.read(indices)
+            return read_sampled(source, self.num_frames, self.protocol, self.train, rng, self.max_seconds)
         except VideoDecodeError as err:
             # one string argument: DataLoader workers re-raise the exception type with the message alone
             raise VideoDecodeError(
@@ -350,6 +341,7 @@ class RetrievalDataModule(L.LightningDataModule):
             "val": val_split or self.spec.val_split or test_split or self.spec.test_split,
         }
         self.tables: dict[str, SplitTable] = {}
+        self._hard_twins: dict[str, dict[str, str]] = {}  # split -> video id -> twin id, read once per split
         self._cache: FrameCache | None = None
         self._cached_counts: dict[str, int] = {}
 
@@ -491,7 +483,10 @@ class RetrievalDataModule(L.LightningDataModule):
             return {}
         which = "test" if stage == "test" else "val"
         table = self.table(which)
-        twin = twins_of(self.annotation_root, self.splits[which])
+        split = self.splits[which]
+        if split not in self._hard_twins:
+            self._hard_twins[split] = twins_of(self.annotation_root, split)
+        twin = self._hard_twins[split]
         row = {vid: i for i, vid in enumerate(table.video_ids)}
         triples = [(c, v, row[twin[table.video_ids[v]]]) for c, v in enumerate(table.caption_video)
                    if twin.get(table.video_ids[v]) in row]

@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from petl_bench.data.video import VideoDecodeError, VideoSource, sample_frame_indices
+from petl_bench.atomic import write_text_atomic
+from petl_bench.data.video import VideoDecodeError, VideoSource, sample_frame_indices, usable_frames
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +91,6 @@ class CacheSampling:
         if math.isfinite(fps) and fps > 0:
             keep.update(sample_frame_indices(usable, fps, self.num_frames, "fps"))
         return sorted(keep)
-
-
-def usable_frames(num_source_frames: int, fps: float, max_seconds: float | None) -> int:
-    """How many leading frames of a video are sampled: all of them, or those of the first ``max_seconds``."""
-    if max_seconds is None or not (math.isfinite(fps) and fps > 0):
-        return num_source_frames
-    return max(1, min(num_source_frames, math.ceil(max_seconds * fps)))
 
 
 @dataclass(frozen=True)
@@ -337,18 +331,6 @@ def frames_file_name(video_id: str) -> str:
     if safe != video_id or safe.startswith(".") or not safe:
         safe = f"{safe.lstrip('.')}-{hashlib.sha1(video_id.encode()).hexdigest()[:10]}"
     return f"{safe}.npy"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_manifest(path: Path) -> dict:

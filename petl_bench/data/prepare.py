@@ -29,15 +29,10 @@ from pathlib import Path
 
 import yaml
 
+from petl_bench.atomic import write_text_atomic
 from petl_bench.data.datasets import DatasetSpec, dataset_names, get_dataset
 from petl_bench.data.datasets._common import AnnotationError, AnnotationFileNotFoundError, check_videos
-from petl_bench.data.frame_cache import (
-    CacheSampling,
-    FrameCache,
-    FrameCacheError,
-    cache_video,
-    write_text_atomic,
-)
+from petl_bench.data.frame_cache import CacheSampling, FrameCache, FrameCacheError, cache_video
 from petl_bench.data.video import VideoDecodeError, VideoSource
 from petl_bench.paths import CONFIG_DIR
 

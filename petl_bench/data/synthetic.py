@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from petl_bench.atomic import write_text_atomic
 from petl_bench.data.datasets.synthetic import annotation_file, read_synthetic_annotations
 
 # Version of the renderer/encoder; bump it when the generated pixels change so cached roots are regenerated.
@@ -262,12 +263,6 @@ def _generate_split(
     return records
 
 
-def _write_json_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _records_json(records: list[dict]) -> str:
     """One record per line: readable, diff-friendly, and error line numbers point at a clip."""
     if not records:
@@ -355,7 +350,7 @@ def generate_synthetic(
             root, split, num_clips, params["num_frames"], params["size"], params["fps"], params["seed"],
             singles=params["test_singles"] if split == "test" else 0,
         )
-        _write_json_atomic(root / "annotations" / f"{split}.json", _records_json(records))
+        write_text_atomic(root / "annotations" / f"{split}.json", _records_json(records))
         counts[split] = len(records)
     manifest = {
         **wanted,
@@ -366,7 +361,7 @@ def generate_synthetic(
         "caption_templates": list(CAPTION_TEMPLATES),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    _write_json_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return root
 
 

@@ -203,6 +203,41 @@ def decode_frames(path: str | Path, indices: list[int] | None, image_size: int, 
     return VideoSource(path, image_size, num_threads=num_threads).read(indices)
 
 
+def usable_frames(num_source_frames: int, fps: float, max_seconds: float | None) -> int:
+    """How many leading frames of a video are sampled: all of them, or those of the first ``max_seconds``."""
+    if max_seconds is None or not (math.isfinite(fps) and fps > 0):
+        return num_source_frames
+    return max(1, min(num_source_frames, math.ceil(max_seconds * fps)))
+
+
+def read_sampled(
+    source: VideoSource,
+    max_frames: int,
+    protocol: str = "uniform",
+    train: bool = False,
+    rng: np.random.Generator | None = None,
+    max_seconds: float | None = None,
+) -> torch.Tensor:
+    """The frames the sampling rules pick from an opened video (at most ``max_frames``; not padded)."""
+    usable = usable_frames(source.num_frames, source.fps, max_seconds)
+    try:
+        indices = sample_frame_indices(usable, source.fps, max_frames, protocol, train=train, rng=rng)
+    except ValueError as err:
+        if protocol not in FRAME_PROTOCOLS:
+            raise
+        raise _decode_error(source.path, str(err)) from err  # e.g. the fps protocol on a file without a frame rate
+    return source.read(indices)
+
+
+def pad_frames(real: torch.Tensor, max_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad uint8 ``(n, 3, S, S)`` frames to ``max_frames`` and return them with the mask of real frames."""
+    frames = real.new_zeros(max_frames, *real.shape[1:])
+    frames[: len(real)] = real
+    mask = torch.zeros(max_frames, dtype=torch.bool)
+    mask[: len(real)] = True
+    return frames, mask
+
+
 def load_video(
     path: str | Path,
     max_frames: int,
@@ -211,8 +246,9 @@ def load_video(
     train: bool = False,
     rng: np.random.Generator | None = None,
     num_threads: int = 1,
+    max_seconds: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample, decode and pad one video.
+    """Sample, decode and pad one video (only its first ``max_seconds`` when given).
 
     Returns:
         frames: uint8 ``(max_frames, 3, image_size, image_size)``, zero after the last real frame.
@@ -222,18 +258,7 @@ def load_video(
         VideoDecodeError: the file is missing, not a video, truncated, or has no frames.
     """
     source = VideoSource(path, image_size, num_threads=num_threads)
-    try:
-        indices = sample_frame_indices(source.num_frames, source.fps, max_frames, protocol, train=train, rng=rng)
-    except ValueError as err:
-        if protocol not in FRAME_PROTOCOLS:
-            raise
-        raise _decode_error(source.path, str(err)) from err
-    real = source.read(indices)
-    frames = torch.zeros(max_frames, 3, image_size, image_size, dtype=torch.uint8)
-    frames[: len(real)] = real
-    mask = torch.zeros(max_frames, dtype=torch.bool)
-    mask[: len(real)] = True
-    return frames, mask
+    return pad_frames(read_sampled(source, max_frames, protocol, train, rng, max_seconds), max_frames)
 
 
 def _probe_dimensions(path: Path) -> tuple[int, int]:

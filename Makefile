@@ -6,7 +6,7 @@ DATASET ?= synthetic
 SEEDS ?= 1
 PARALLEL ?= 1
 SWEEP ?= experiments/$(DATASET).yaml
-# the committed copy of the report (report.md + plots) that `make bench` / `make report` refresh; RECORD= skips it
+# the committed record of a benchmark (report.md + plots); only `make record` writes it, never `make bench`/`report`
 RECORD ?= experiments/$(DATASET)
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
@@ -14,7 +14,7 @@ export WANDB_MODE ?= offline
 # OpenMP threads then slow the tiny synthetic models by an order of magnitude (measured: 19.7 vs 1466 ms per step).
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install test test-slow test-all bench sweep report params synth lint clean
+.PHONY: install test test-slow test-all bench record sweep report params synth lint clean
 
 install:  ## create .venv and install the package with its test tools (torch 2.14.1 + torchvision 0.29.1)
 	$(PYTHON) -m venv $(VENV)
@@ -30,16 +30,18 @@ test-slow:  ## the heavier end-to-end tests
 test-all:  ## everything
 	$(PY) -m pytest -q
 
-bench:  ## sweep every method of experiments/$(DATASET).yaml on $(DATASET); SEEDS=3 for mean ± std; FORCE=1 redoes runs; PARALLEL=N
+bench:  ## sweep every method of experiments/$(DATASET).yaml on $(DATASET) into results/$(DATASET)/; SEEDS=3 for mean ± std; FORCE=1 redoes runs
 	$(PY) -m petl_bench.cli bench --dataset $(DATASET) --seeds $(SEEDS) --parallel $(PARALLEL) $(if $(FORCE),--force,)
-	$(if $(RECORD),$(PY) -m petl_bench.cli report --dataset $(DATASET) --out $(RECORD) > /dev/null,)
+
+record:  ## refresh the committed record $(RECORD)/ (report + plots) from a 3-seed bench: an explicit step, never a side effect
+	$(MAKE) bench SEEDS=3
+	$(PY) -m petl_bench.cli report --dataset $(DATASET) --out $(RECORD) > /dev/null
 
 sweep:  ## run a whole sweep file (default experiments/$(DATASET).yaml, all its seeds); DRY=1 prints the commands
 	$(PY) -m petl_bench.cli sweep $(SWEEP) --parallel $(PARALLEL) $(if $(FORCE),--force,) $(if $(DRY),--dry-run,)
 
-report:  ## rewrite results/$(DATASET)/report.md and its plots from the run records, and the recorded copy in $(RECORD)
+report:  ## rewrite results/$(DATASET)/report.md and its plots from the run records
 	$(PY) -m petl_bench.cli report --dataset $(DATASET)
-	$(if $(RECORD),$(PY) -m petl_bench.cli report --dataset $(DATASET) --out $(RECORD) > /dev/null,)
 
 params:  ## trainable / total parameters of every method on ViT-B/32
 	$(PY) -m petl_bench.cli params --backbone ViT-B-32

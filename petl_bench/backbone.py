@@ -22,6 +22,7 @@ changes it only through the hooks of `CLIPHooks` (DESIGN.md, "How a method plugs
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from torch import nn
 from petl_bench import MODEL_CONFIG_DIR  # noqa: F401  (importing the package registers the tiny configs)
 
 SYNTHETIC_PRETRAINED = "synthetic"
+_QUICKGELU_SUFFIX = "-quickgelu"
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
 @dataclass
@@ -75,6 +78,10 @@ class CLIPHooks:
         return x + mlp_part(block, x)
 
 
+def _is_path(pretrained: str) -> bool:
+    return any(sep in pretrained for sep in ("/", "\\")) or Path(pretrained).suffix in _CHECKPOINT_SUFFIXES
+
+
 def resolve_pretrained(model_name: str, pretrained: str | None) -> str | None:
     """Turn the project's aliases into something open_clip understands (a hub tag or a file path)."""
     if pretrained is None or pretrained in ("", "none", "None"):
@@ -83,15 +90,47 @@ def resolve_pretrained(model_name: str, pretrained: str | None) -> str | None:
         from petl_bench.pretrain import synthetic_checkpoint
 
         return str(synthetic_checkpoint(model_name))
-    looks_like_path = any(sep in pretrained for sep in ("/", "\\")) or Path(pretrained).suffix in (
-        ".pt", ".pth", ".bin", ".safetensors",
-    )
+    looks_like_path = _is_path(pretrained)
     if looks_like_path and not Path(pretrained).expanduser().is_file():
         raise FileNotFoundError(
             f"pretrained checkpoint {pretrained!r} does not exist; pass an existing file, a hub tag such as 'openai', "
             f"'{SYNTHETIC_PRETRAINED}' for the project's synthetic stand-in, or null for random weights"
         )
     return str(Path(pretrained).expanduser()) if looks_like_path else pretrained
+
+
+def architecture_for_weights(model_name: str, pretrained: str | None) -> str:
+    """The open_clip model config to build so that the architecture is the one the weights were trained with.
+
+    For a hub tag, open_clip's own pretrained config says which activation the weights were trained with
+    (``quick_gelu``: OpenAI's CLIPs used QuickGELU, x·σ(1.702x)). open_clip 3.x builds ``ViT-B-32`` with ``nn.GELU``
+    and only warns when the tag disagrees; here the config is switched to its ``-quickgelu`` twin (or back to the plain
+    one), so ``ViT-B-32`` + ``openai`` builds ``ViT-B-32-quickgelu``. A tag open_clip does not list for this model is
+    an error naming the known ones. Local files and ``None`` keep ``model_name``: a file carries no tag, so the model
+    name decides (the synthetic backbone's config declares its QuickGELU itself).
+    """
+    if pretrained is None or _is_path(pretrained):
+        return model_name
+    base = model_name.removesuffix(_QUICKGELU_SUFFIX)
+    candidates = [name for name in (model_name, base, base + _QUICKGELU_SUFFIX) if name in open_clip.list_models()]
+    # open_clip files some tags under the plain name, some under the -quickgelu twin: either names the weights
+    tag_cfg = next((cfg for name in candidates if (cfg := open_clip.get_pretrained_cfg(name, pretrained))), None)
+    if not tag_cfg:
+        known = sorted({t for name in candidates for t in open_clip.list_pretrained_tags_by_model(name)})
+        raise ValueError(
+            f"open_clip has no pretrained weights {pretrained!r} for {model_name!r}; known tags: "
+            f"{', '.join(known) if known else 'none'}. Pass one of them, a checkpoint file, "
+            f"'{SYNTHETIC_PRETRAINED}' or null"
+        )
+    wants_quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+    for name in candidates:  # model_name first: keep the user's config when it already matches
+        if bool(open_clip.get_model_config(name).get("quick_gelu", False)) == wants_quick_gelu:
+            return name
+    raise ValueError(
+        f"pretrained tag {pretrained!r} was trained with {'QuickGELU' if wants_quick_gelu else 'nn.GELU'}, but "
+        f"open_clip model {model_name!r} builds the other activation and has no registered twin; "
+        "register a model config with the right 'quick_gelu' value and use it"
+    )
 
 
 class CLIPBackbone(nn.Module):
@@ -110,7 +149,20 @@ class CLIPBackbone(nn.Module):
         self.model_name = model_name
         self.pretrained = pretrained
         source = resolve_pretrained(model_name, pretrained)
-        self.model = open_clip.create_model(model_name, pretrained=source, device="cpu")
+        #: the open_clip model config actually built: ``model_name`` or its variant with the weights' activation
+        self.open_clip_model = architecture_for_weights(model_name, source)
+        with warnings.catch_warnings():
+            # open_clip only warns when a config does not match the tag's weights (e.g. "QuickGELU mismatch"):
+            # every such warning would change every result, so here it is an error.
+            warnings.filterwarnings("error", message=".*mismatch.*", category=UserWarning)
+            try:
+                self.model = open_clip.create_model(self.open_clip_model, pretrained=source, device="cpu")
+            except UserWarning as err:
+                raise ValueError(
+                    f"open_clip model {self.open_clip_model!r} does not match pretrained tag {source!r}: {err} "
+                    f"Use the model config the tag was trained with (see open_clip.get_pretrained_cfg"
+                    f"({model_name!r}, {source!r}))."
+                ) from err
         if not hasattr(self.model, "visual") or not hasattr(self.model.visual, "conv1"):
             raise ValueError(f"{model_name!r} is not a ViT CLIP: petl-bench hooks into ViT towers only")
         cfg = open_clip.get_model_preprocess_cfg(self.model)
@@ -118,6 +170,11 @@ class CLIPBackbone(nn.Module):
         std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
+
+    @property
+    def quick_gelu(self) -> bool:
+        """Whether the towers' MLPs use QuickGELU (OpenAI's weights) rather than nn.GELU."""
+        return bool(open_clip.get_model_config(self.open_clip_model).get("quick_gelu", False))
 
     # -- shapes methods size their modules from
     @property

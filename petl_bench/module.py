@@ -6,8 +6,8 @@ What is shared (DESIGN.md, "Rules that keep the comparison fair"):
   ``text_conditioned`` (Cross-Modal Adapter's parameter-free pooling: per text, a softmax over frames of
   ⟨t, v_f⟩/τ on un-normalised embeddings, τ = 5, weights the frames, then cosine);
 - the loss: symmetric InfoNCE over the batch all-gathered across processes, gradients flowing through the gather;
-- one optimiser recipe: AdamW (β 0.9/0.98, ε 1e-6), weight decay on weight matrices only, linear warm-up then cosine,
-  parameter groups by learning rate (`param_lr`);
+- one optimiser recipe: AdamW (β 0.9/0.98, ε 1e-6), weight decay on weight matrices only, linear warm-up then cosine
+  in either lineage's shape (`lr_factor`), parameter groups by learning rate (`param_lr`);
 - checkpoints that hold only what trains (plus optimiser state): the frozen backbone is rebuilt from its source.
 
 A method subclass adds modules in ``__init__``, overrides hooks, and says what trains with `is_trainable(name)`.
@@ -64,6 +64,32 @@ def symmetric_infonce(logits: torch.Tensor) -> torch.Tensor:
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
+LR_SCHEDULES = ("warmup_cosine", "cosine_after_warmup")
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup_ratio: float) -> float:
+    """The learning-rate multiplier applied at optimiser step `step` (0-based) of `total`.
+
+    - ``warmup_cosine`` (CLIP4Clip's BertAdam schedule, inherited by Cross-Modal Adapter and MV-Adapter): with the run's
+      progress x = step / total, linear warm-up x / w while x < w = warmup_ratio, then 0.5·(1 + cos(π·x)) — the cosine
+      spans the *whole* run, so it starts just below 1 after warm-up. The first step has lr 0, as in the release.
+    - ``cosine_after_warmup`` (X-Pool's, i.e. transformers' ``get_cosine_schedule_with_warmup``; VoP's lineage): W =
+      int(warmup_ratio · total) warm-up steps at step / W, then a cosine from 1 to 0 over the remaining steps.
+    """
+    if schedule == "warmup_cosine":
+        x = step / max(1, total)
+        if x < warmup_ratio:
+            return x / warmup_ratio
+        return 0.5 * (1.0 + math.cos(math.pi * x))
+    if schedule == "cosine_after_warmup":
+        warmup = int(warmup_ratio * total)
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+
+
 class RetrievalModule(CLIPHooks, L.LightningModule):
     """Text-video retrieval with CLIP; subclasses decide what is added and what trains.
 
@@ -74,6 +100,8 @@ class RetrievalModule(CLIPHooks, L.LightningModule):
         similarity: ``meanP`` or ``text_conditioned``.
         lr: learning rate of the parameters a method adds; ``backbone_lr`` of trainable CLIP weights (default: lr).
         train_logit_scale: let CLIP's temperature train (full fine-tuning); it is clamped to ≤ ``max_logit_scale``.
+        lr_schedule / warmup_ratio: the learning-rate shape (see `lr_factor`): ``warmup_cosine`` (CLIP4Clip's, the
+            default of the methods built on it) or ``cosine_after_warmup`` (X-Pool's, VoP's lineage).
     """
 
     def __init__(
@@ -88,6 +116,7 @@ class RetrievalModule(CLIPHooks, L.LightningModule):
         backbone_lr: float | None = None,
         weight_decay: float = 0.2,
         warmup_ratio: float = 0.1,
+        lr_schedule: str = "warmup_cosine",
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-6,
         train_logit_scale: bool = False,
@@ -96,6 +125,10 @@ class RetrievalModule(CLIPHooks, L.LightningModule):
         super().__init__()
         if similarity not in SIMILARITY_HEADS:
             raise ValueError(f"similarity must be one of {SIMILARITY_HEADS}, got {similarity!r}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must lie in [0, 1), got {warmup_ratio}")
         self.save_hyperparameters()
         self.clip = CLIPBackbone(backbone, pretrained)
         self.num_frames = num_frames
@@ -207,15 +240,8 @@ class RetrievalModule(CLIPHooks, L.LightningModule):
             betas=tuple(self.hparams.betas), eps=self.hparams.eps,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.hparams.warmup_ratio * total)
-
-        def warmup_cosine(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
+        schedule, ratio = self.hparams.lr_schedule, self.hparams.warmup_ratio
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(schedule, step, total, ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ trainable-only checkpoints

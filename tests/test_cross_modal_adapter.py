@@ -165,8 +165,9 @@ def test_share_dim_equal_to_width_shares_the_whole_up_projection():
 def test_training_step_moves_exactly_the_adapters():
     m = build_method("cross_modal_adapter", **TINY)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    # two steps: the release's warm-up (the default ``warmup_cosine``) gives the first step lr 0
     trainer = lightning.Trainer(
-        max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
     )
     trainer.fit(m, train_dataloaders=torch.utils.data.DataLoader([tiny_batch()], batch_size=None))

@@ -229,7 +229,7 @@ def test_msrvtt_real_split_files_fit_and_test(tmp_path, synthetic_backbone):
     assert data["test_missing_videos"] == ids["listed_test"] - TEST == 995
     assert len(data["test_missing_video_ids"]) == 995 and ids["test"][0] not in data["test_missing_video_ids"]
     assert data["train_caption_sampling"] == "random_one"  # one caption per video per epoch, logged
-    assert (data["num_frames"], data["max_words"], data["frame_protocol"]) == (4, 32, "uniform")
+    assert (data["num_frames"], data["max_words"], data["frame_protocol"]) == (4, 32, "fps")  # the real configs sample as CLIP4Clip
 
 
 def test_msvd_raw_captions_pickle_and_avi_videos_fit_and_test(tmp_path, synthetic_backbone):

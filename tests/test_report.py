@@ -135,3 +135,14 @@ def test_labels_group_seeds_and_backbones_split_rows(tmp_path):
     rows = aggregate([*recs, other])
     assert sorted((r.label, len(r.records)) for r in rows) == [("adapter (ViT-B-16)", 1), ("adapter (petl-tiny-vit)", 2)]
     assert json.dumps([r.label for r in rows])  # labels are plain strings
+
+
+def test_reconstructions_and_frame_dependent_counts_are_noted(tmp_path):
+    folder = tmp_path / "results" / "synthetic"
+    write_records(folder, [record("mv_adapter", 0, 40.0, 41.0, 1000), record("vop_p", 0, 30.0, 31.0, 100),
+                           record("adapter", 0, 35.0, 36.0, 100)])
+    text = write_report(folder).read_text()
+    notes = text[text.index("Notes on methods:"):]
+    assert "`mv_adapter`: Kronecker cross-modality tying is the suite's reconstruction" in notes
+    assert "2,445,312 at 64" in notes and "`adapter`" not in notes
+    assert "open_clip config `petl-tiny-vit`" in text  # records without the field fall back to the model name

@@ -77,10 +77,19 @@ def test_a_clip_shorter_than_max_frames_gives_all_its_frames(protocol, train):
 
 def test_fps_protocol_takes_one_frame_per_second():
     assert sample_frame_indices(300, 30.0, 12, "fps") == [0, 30, 60, 90, 120, 150, 180, 210, 240, 270]
-    # a fractional rate does not drift: the frame shown at each whole second
-    assert sample_frame_indices(300, 29.97, 20, "fps") == [0, 29, 59, 89, 119, 149, 179, 209, 239, 269, 299]
-    # slower than 1 fps: each frame once
+    # CLIP4Clip truncates the rate to an integer: 29.97 fps steps by 29 frames (its "seconds" drift, as in the release)
+    assert sample_frame_indices(300, 29.97, 20, "fps") == list(range(0, 300, 29))
+    assert sample_frame_indices(100, 7.9, 20, "fps") == list(range(0, 100, 7))
+    # slower than 1 fps (CLIP4Clip divides by zero there): each frame once
     assert sample_frame_indices(4, 0.5, 8, "fps") == [0, 1, 2, 3]
+
+
+def test_fps_protocol_thins_like_clip4clip_linspace_truncated():
+    # CLIP4Clip: np.linspace(0, count - 1, num=max_frames, dtype=int) over its one-per-second frames
+    for n, fps, k in [(300, 30.0, 12), (7411, 29.97, 12), (901, 25.0, 7), (3000, 24.0, 64)]:
+        per_second = list(range(0, n, int(fps)))
+        picks = np.linspace(0, len(per_second) - 1, num=k, dtype=int) if len(per_second) > k else range(len(per_second))
+        assert sample_frame_indices(n, fps, k, "fps") == [per_second[i] for i in picks]
 
 
 def test_fps_protocol_thins_uniformly_to_max_frames():

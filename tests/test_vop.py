@@ -1,6 +1,7 @@
 """VoP and its variants: the reported sizes, identity with zero-length prompts, VoP^F's joint attention (mixing frames
-only in deep layers, masking padded frames), VoP^C's context dependence, the text read-out at EOT for every caption
-length (and the release's read-out as an option), and a real training step that moves exactly the prompts."""
+only in deep layers, masking padded frames), VoP^C's context dependence, the text read-outs for every caption length
+(the release's, the default, and the suite's at EOT), and a real training step that moves exactly the prompts.
+Agreement with the released code itself: tests/test_parity_vop.py."""
 
 import lightning
 import open_clip
@@ -13,7 +14,7 @@ from petl_bench.methods.vop import VoP
 from petl_bench.methods.zero_shot import ZeroShot
 
 TINY = {"backbone": "petl-tiny-vit", "pretrained": None, "num_frames": 4, "max_words": 16}
-VARIANTS = ("vop", "vop_p", "vop_c", "vop_f", "vop_fp", "vop_fc")
+VARIANTS = ("vop", "vop_eot", "vop_p", "vop_c", "vop_f", "vop_fp", "vop_fc")
 PROMPT_PREFIXES = ("visual_prompts.", "frame_prompts.", "text_prompts", "context_generator.")
 CAPTIONS = ["a red square moves left", "a blue dot moves right", "two bars swap places"]
 TOKENIZER = open_clip.get_tokenizer("ViT-B-32")
@@ -60,6 +61,7 @@ def record_cls_per_layer(m: VoP) -> list:
     "name, expected",
     [
         ("vop", 122_880),  # 12·8·768 + 12·8·512
+        ("vop_eot", 122_880),  # the read-out moves no parameter
         ("vop_f", 122_880),  # no parameters beyond VoP
         ("vop_p", 528_384),  # frame prompts in 6 of 12 image layers
         ("vop_fp", 393_216),  # frame prompts in the 4 joint layers
@@ -205,10 +207,11 @@ def captions_of_every_length(max_words: int) -> list[str]:
     return [" ".join(["a"] * k) for k in range(max_words + 1)]
 
 
-@pytest.mark.parametrize("readout", ["eot", "release"])
-def test_text_prompt_layout_for_every_caption_length(readout):
-    m = build_method("vop", text_readout=readout, **TINY).eval()
-    L = TINY["max_words"]
+@pytest.mark.parametrize("readout, max_words", [("eot", TINY["max_words"]), ("release", TINY["max_words"]),
+                                                 ("release", 69)])
+def test_text_prompt_layout_for_every_caption_length(readout, max_words):
+    m = build_method("vop", text_readout=readout, **dict(TINY, max_words=max_words)).eval()
+    L = max_words
     text = TOKENIZER(captions_of_every_length(L), context_length=L)
     assert (text.argmax(-1) == L - 1).any()  # at least one caption fills max_words
     emb = m.clip.model.token_embedding(text)
@@ -218,7 +221,8 @@ def test_text_prompt_layout_for_every_caption_length(readout):
         x = m.text_tokens(emb, ctx)
     rows = torch.arange(len(text))
     prompts = m.text_prompts[0]
-    assert x.shape[1] == L + 8
+    C = L if readout == "eot" else 77 - 8  # the release pads every caption to its context of 77 − 8 ids
+    assert x.shape[1] == C + 8
     assert torch.equal(x[:, 0], emb[:, 0])  # SOT stays first
     assert torch.equal(x[:, 1:5], prompts[:4].expand(len(text), -1, -1))  # 4 prompts right after SOT
     assert torch.equal(ctx.eot_index, eot_before + 8)
@@ -231,18 +235,23 @@ def test_text_prompt_layout_for_every_caption_length(readout):
         words = [x[r, 5:ctx.eot_index[r] - 4] for r in rows]
         assert all(torch.equal(w, emb[r, 1:eot_before[r]]) for r, w in zip(rows, words))
     else:
-        # the release: suffix prompts before the last context position; the read lands on EOT only for a full
-        # caption, on padding for short ones
-        assert torch.equal(x[:, L + 3:L + 7], prompts[4:].expand(len(text), -1, -1))
-        full = eot_before == L - 1
+        # the release: suffix prompts before the last of its 69 positions; the read lands on EOT only for a
+        # caption filling those 69, on padding for short ones (all of them at max_words = 16)
+        assert torch.equal(x[:, C + 3:C + 7], prompts[4:].expand(len(text), -1, -1))
+        # words and EOT follow the prefix in place (a caption filling the 69 ids has its EOT after the suffix)
+        fits = rows[eot_before < C - 1]
+        assert all(torch.equal(x[r, 5:5 + eot_before[r]], emb[r, 1:eot_before[r] + 1]) for r in fits)
+        full = eot_before == C - 1
+        assert bool(full.any()) == (L == C)
         assert torch.equal(x[rows[full], ctx.eot_index[full]], eot_embedding.expand(int(full.sum()), -1))
-        short = eot_before <= L - 6
+        short = eot_before <= C - 6
+        assert bool(short.all()) == (L < C - 5)
         assert torch.equal(x[rows[short], ctx.eot_index[short]],
                            m.clip.model.token_embedding.weight[0].expand(int(short.sum()), -1))
 
 
 def test_text_feature_is_read_at_eot_for_every_caption_length():
-    m = build_method("vop", **TINY).eval()
+    m = build_method("vop_eot", **TINY).eval()  # the suite's read-out
     L = TINY["max_words"]
     text = TOKENIZER(captions_of_every_length(L), context_length=L)
     scrambled = text.clone()
@@ -258,16 +267,24 @@ def test_text_feature_is_read_at_eot_for_every_caption_length():
     assert not torch.isclose(moved, feature, atol=1e-4).all(-1).any()
 
 
-def test_release_readout_reads_padding_and_leaves_suffix_prompts_dead_for_short_captions():
-    m = build_method("vop", text_readout="release", **TINY).eval()
-    L = TINY["max_words"]
-    text = TOKENIZER(["a a a", " ".join(["a"] * L)], context_length=L)  # short, and filling max_words
+@pytest.mark.parametrize("max_words", [TINY["max_words"], 69])
+def test_release_readout_reads_padding_and_leaves_suffix_prompts_dead_for_short_captions(max_words):
+    m = build_method("vop", **dict(TINY, max_words=max_words)).eval()
+    assert m.text_readout == "release"  # the default, as the released code
+    # words → EOT index: 1 → 2; 62 → 63 (read at 71, the last padding slot before the suffix prompts at 72..75);
+    # 63 → 64 (read at 72, the first suffix slot: only the last layer's prompt there is live); 67 → 68 (fills the
+    # release's 69 ids: read at EOT itself, after all suffix slots)
+    words = [w for w in (1, max_words - 2, 62, 63, 67) if w + 2 <= max_words]
+    text = TOKENIZER([" ".join(["a"] * w) for w in words], context_length=max_words)
     with torch.no_grad():
         feature = m.encode_text(text)
-        m.text_prompts[1, 4:].add_(torch.randn_like(m.text_prompts[1, 4:]))
+        m.text_prompts[:, 4:].add_(torch.randn_like(m.text_prompts[:, 4:]))  # every layer's suffix prompts
         moved = m.encode_text(text)
-    torch.testing.assert_close(moved[0], feature[0])  # short caption: suffix prompts are after the read position
-    assert not torch.allclose(moved[1], feature[1], atol=1e-4)  # full caption: suffix prompts precede EOT
+    for w, a, b in zip(words, feature, moved):
+        if w + 1 < 64:  # EOT before position 64: the suffix prompts lie after the read position (causal mask)
+            torch.testing.assert_close(b, a, msg=f"{w} words: suffix prompts should be dead")
+        else:
+            assert not torch.allclose(b, a, atol=1e-4), f"{w} words: suffix prompts should be live"
 
 
 def test_text_context_must_fit_clip():
@@ -297,8 +314,8 @@ def test_bad_options_raise():
 def test_training_step_moves_exactly_the_prompts(name):
     m = build_method(name, **TINY)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    trainer = lightning.Trainer(
-        max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    trainer = lightning.Trainer(  # 2 steps: the warm-up schedule may give the first step lr 0 (module.lr_factor)
+        max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
     )
     trainer.fit(m, train_dataloaders=torch.utils.data.DataLoader([tiny_batch()], batch_size=None))

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from petl_bench.bench.records import REPORT_METRICS
 
 PLOT_FILES = ("r1_vs_trainable.png", "r1_per_method.png")
@@ -153,6 +155,15 @@ def human_count(n: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- text
+METHOD_NOTES = Path(__file__).with_name("method_notes.yaml")
+
+
+def _method_notes(methods: set) -> list[tuple[str, str]]:
+    """(method, note) for the methods of the report that method_notes.yaml annotates (reconstructions, counts)."""
+    notes = yaml.safe_load(METHOD_NOTES.read_text(encoding="utf-8")) or {}
+    return [(m, notes[m]) for m in sorted(m for m in methods if m in notes)]
+
+
 def _protocol_line(records: Sequence[dict]) -> list[str]:
     """What the rows were evaluated on; a warning when they were not all evaluated the same way."""
 
@@ -165,7 +176,8 @@ def _protocol_line(records: Sequence[dict]) -> list[str]:
                  else f"{trainer.get('max_epochs')} epochs")
         return (f"test split `{d.get('test_split')}` ({d.get('test_videos')} videos, {d.get('test_captions')} "
                 f"captions), {d.get('num_frames')} frames (`{d.get('frame_protocol')}`), {d.get('max_words')} words; "
-                f"backbone `{rec.get('backbone')}` (pretrained `{rec.get('pretrained')}`); V2T protocol `{v2t}`; "
+                f"backbone `{rec.get('backbone')}` (pretrained `{rec.get('pretrained')}`, open_clip config "
+                f"`{rec.get('open_clip_model', rec.get('backbone'))}`); V2T protocol `{v2t}`; "
                 f"training: {steps}, precision `{trainer.get('precision')}`")
 
     kinds: dict[str, list[str]] = {}
@@ -334,6 +346,9 @@ def write_report(results_dir: Path, out_dir: Path | None = None, plots: bool = T
                    "parameters; ckpt = trainable-only checkpoint; train s = wall time of fit."), ""]
         if notes:
             lines += ["Differences smaller than the seed spread:", "", *[f"- {n}" for n in notes], ""]
+        method_notes = _method_notes({r.get("method") for r in records})
+        if method_notes:
+            lines += ["Notes on methods:", "", *[f"- `{m}`: {n}" for m, n in method_notes], ""]
         if plots:
             plot_r1_vs_trainable(rows, out_dir / PLOT_FILES[0], f"{name}: R@1 vs trainable parameters")
             plot_r1_per_method(rows, out_dir / PLOT_FILES[1], f"{name}: R@1 per method")

@@ -107,7 +107,8 @@ def execute_run(argv: list[str]) -> RunResult:
         torch.cuda.reset_peak_memory_stats()
 
     record: dict = {"method": method, "label": label, "dataset": dataset,
-                    "backbone": model.hparams.backbone, "pretrained": model.hparams.pretrained, "seed": seed,
+                    "backbone": model.hparams.backbone, "pretrained": model.hparams.pretrained,
+                    "open_clip_model": model.clip.open_clip_model, "quick_gelu": model.clip.quick_gelu, "seed": seed,
                     "params": counts, "trainable_percent": 100.0 * counts["trainable"] / counts["total"]}
     train_seconds, ckpt_bytes, samples = 0.0, 0, 0
     if counts["trainable"] > 0:

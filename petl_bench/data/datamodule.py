@@ -271,10 +271,13 @@ class RetrievalDataModule(L.LightningDataModule):
             generated there when missing.
         backbone: open_clip model name, linked from the model: it picks the tokenizer and the frame size.
         num_frames / max_words: frames per video and tokens per caption (linked to the model).
-        frame_protocol: ``uniform`` segments (default) or CLIP4Clip's ``fps`` (1 fps, then thinned).
+        frame_protocol: ``uniform`` segments (the class default, used by the synthetic set) or CLIP4Clip's ``fps``
+            (1 fps, then evenly thinned; the default of every real dataset config).
         max_seconds: sample only the first ``max_seconds`` of each video (DiDeMo's protocol: 30); None: all of it.
         train_captions: ``all`` (video, caption) pairs per epoch, or ``random_one`` caption per video per epoch.
-        batch_size: per process; the loss sees batch_size x processes.
+        batch_size: per process; the loss sees batch_size x processes. A training set smaller than one batch
+            gives one smaller batch per epoch (recorded throughput counts the samples actually seen).
+        eval_batch_size: per process at validation and test; None: ``batch_size``.
         missing_videos: a listed video without a file is ``skip``-ped (counted and listed in `summary()`, hence in
             the run record) or an ``error`` naming it.
         dataset_options: passed to the dataset's loader; only the options its spec lists are accepted (e.g.

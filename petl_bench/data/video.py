@@ -63,7 +63,8 @@ def sample_frame_indices(
         num_frames_in_video: frames in the video (decord's count).
         fps: the video's frame rate; used by the ``"fps"`` protocol only.
         max_frames: the most frames to return.
-        protocol: ``"uniform"`` (equal segments, X-Pool) or ``"fps"`` (1 frame per second then thinned, CLIP4Clip).
+        protocol: ``"fps"`` (CLIP4Clip's: 1 frame per second, then evenly thinned; see `_one_per_second_indices`)
+            or ``"uniform"`` (equal segments, X-Pool's lineage).
         train: ``"uniform"`` only: a random frame per segment instead of the middle one.
         rng: the generator for training draws; pass a seeded one for reproducible epochs. ``None`` draws fresh entropy.
 
@@ -99,14 +100,20 @@ def _uniform_segment_indices(n: int, max_frames: int, train: bool, rng: np.rando
 
 
 def _one_per_second_indices(n: int, fps: float, max_frames: int) -> list[int]:
+    """CLIP4Clip's rule (``RawVideoExtractorCV2.video_to_tensor`` with ``sample_fp=1``, then ``slice_framepos=2``).
+
+    The frame rate is truncated to an integer F (as CLIP4Clip's ``int(cap.get(CAP_PROP_FPS))``: 29.97 fps gives F = 29,
+    so its "seconds" drift by 0.1% on NTSC video), the frames s·F for s = 0, 1, ... that exist are taken, and when there
+    are more than ``max_frames`` of them, ``np.linspace(0, count − 1, max_frames)`` truncated to integers picks among
+    them. The same frames at training and test.
+    """
     if not math.isfinite(fps) or fps <= 0:
         raise ValueError(
             f"the 'fps' frame protocol needs a positive frame rate, got fps={fps}; re-encode the video with a valid "
             "frame rate or use protocol='uniform'"
         )
-    # The frame shown at each whole second t = 0, 1, 2, ... (no drift for fractional rates such as 29.97).
-    seconds = np.arange(math.ceil(n / fps))
-    per_second = np.unique(np.minimum(np.floor(seconds * fps).astype(np.int64), n - 1))
+    step = max(1, int(fps))  # below 1 fps CLIP4Clip divides by zero; here every frame is a "second"
+    per_second = np.arange(0, n, step, dtype=np.int64)
     if len(per_second) > max_frames:
         keep = np.linspace(0, len(per_second) - 1, num=max_frames).astype(np.int64)
         per_second = per_second[keep]

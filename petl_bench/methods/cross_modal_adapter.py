@@ -32,14 +32,53 @@ the same function so the distribution is the release's. ``up_init="zero"`` zero-
 instead, making every adapter an exact identity at step 0 (the adapted model then equals the frozen backbone); the
 down-projections then receive no gradient on the first step, only once Up has moved off zero.
 
-Deviations from the release (the default is ours unless said otherwise):
-- Precision: the release trains the adapters in pure fp16 (``--adapter_convert2fp16``: fp16 weights, no fp32 master
-  copy). We keep the adapter weights in fp32 and leave mixed precision to the Trainer (fp32, or bf16/fp16 AMP).
-- Architecture support: the release hard-codes OpenAI's CLIP; here any open_clip ViT works. Sharing indexes positions
-  by layer, so ``share_dim > 0`` needs towers of equal depth (a `ValueError` otherwise); with ``share_dim=0`` the towers
-  may differ in depth. ``share_dim`` may not exceed the narrower tower's width (the release asserts the same).
-- Optimiser: the suite's common recipe (AdamW, weight decay on weight matrices only — as the release, which exempts
-  adapter biases —, warm-up + cosine) rather than the release's BertAdam schedule.
+Differences from the release (LeapLabTHU/Cross-Modal-Adapter @ 07b2203, its README's MSR-VTT command). The model
+itself — adapter placement, QuickGELU, the shared up-projection channels, the text-conditioned head, the symmetric
+InfoNCE loss and its gradients — is pinned to the release in fp32 by tests/test_parity_cross_modal_adapter.py (all
+outputs and adapter gradients within 5e-6 relative). What remains is training machinery and data:
+
+  aspect          release → suite (default); expected effect
+  --------------  ---------------------------------------------------------------------------------------------------
+  precision       CLIP in fp16 (``convert_weights``; LayerNorms computed in fp32) and, with
+                  ``--adapter_convert2fp16``, pure-fp16 adapters and optimiser state (no fp32 master copy, no loss
+                  scaling) → fp32 weights, mixed precision left to the Trainer (bf16-mixed on GPU). Effect: the
+                  release's updates (lr 1e-5 on weights ~0.01, about one fp16 ulp) are coarsely rounded and small
+                  squared gradients underflow in its fp16 Adam state; the suite's are not. Not measured.
+  optimiser       BertAdam → AdamW. Same β (0.9, 0.98), ε 1e-6 and decoupled weight decay 0.2 on adapter weight
+                  matrices (none on biases), but BertAdam has no bias correction: its steps are
+                  (1 − 0.9^t)/√(1 − 0.98^t) times AdamW's (0.71 at t=1, 1.55 at t≈15, 1.07 at t=100, 1.00 after
+                  ~300). All of that falls inside the warm-up (703 of 7,030 steps on MSR-VTT), where the lr is tiny:
+                  negligible.
+  gradient scale  The release's AllGather backward keeps only the local slice (no all-reduce) and DDP averages, so
+  (multi-GPU)     its gradients are 1/N of the global-batch loss's (N = 4 GPUs in the README) → Lightning's
+                  ``all_gather(sync_grads=True)`` gives the true gradient. Adam ignores the scale except through ε
+                  and clipping: the release's ``clip_grad_norm_(1.0)`` on g/N clips g at norm N, the suite's
+                  ``gradient_clip_val: 1.0`` at 1 (set it to N, and ε to N·1e-6, to mimic the release).
+  frames          ``--dataset_type img``: JPEG frames pre-extracted at 1 fps (the extraction script is not
+                  released), sorted by name, thinned to ``--max_frames 12`` by np.linspace(0, n − 1, 12) cast to int
+                  (``--slice_framepos 2``, asserted by train.py), the same frames every epoch
+                  (``--feature_framerate`` is not read by that loader) → ``frame_protocol: fps`` (what
+                  configs/data/msrvtt.yaml sets) is the same rule on the decoded video: the frame at each whole
+                  second, floor(t·fps), then the same thinning. Effect: which frame an unknown extractor took for
+                  "second t" may differ by a frame; negligible. (``uniform``, X-Pool's segments, is another protocol.)
+  resizing        PIL bicubic Resize(224) + CenterCrop on the JPEGs, ToTensor/Normalize → torch bicubic
+                  (antialiased) on decoded uint8 frames, normalised on the device (same formula). Effect: pixel
+                  differences of a few grey levels; negligible.
+  padding         A short clip is padded with frames that are 0 after normalisation → uint8 zeros (−mean/std after
+                  normalisation). Both heads mask padded frames, so scores are unaffected (only the unused embedding
+                  of a padded frame differs; the parity test compares real frames).
+  backbones       OpenAI's CLIP hard-coded → any open_clip ViT. Sharing indexes positions by layer, so
+                  ``share_dim > 0`` needs towers of equal depth (a `ValueError` otherwise); with ``share_dim=0`` the
+                  towers may differ in depth. ``share_dim`` may not exceed the narrower tower's width (the release
+                  asserts the same).
+
+The same as the release: r = 8, d_s = 16, QuickGELU, trunc_normal(std 0.01) adapter init (another random stream),
+only adapters train (logit_scale frozen), the text-conditioned head (τ = 5, ``--q_score 1``), 32 words (SOT + at most
+30 BPE tokens + EOT, zero padding, feature at the EOT = largest id), 12 frames, lr 1e-5, weight decay 0.2, the
+learning-rate shape (BertAdam's warmup_cosine: 10% linear warm-up from lr 0 at the first step, then ½(1 + cos πx) on
+the whole run's progress x; ``lr_schedule: warmup_cosine``, the default, see `petl_bench.module.lr_factor`), 5 epochs,
+global batch 128 (release 4 GPUs × 32, configs 8 × 16), every MSR-VTT 9k caption pair per epoch
+(``--expand_msrvtt_sentences 1``), gradient clipping at norm 1.0 (see "gradient scale").
 """
 
 from __future__ import annotations

@@ -1,14 +1,21 @@
 """MV-Adapter (Jin, Zhang et al., "MV-Adapter: Multimodal Video Transfer Learning for Video Text Retrieval",
 arXiv 2301.07868; official code: zhangbw17/MV-Adapter). CLIP stays frozen; adapters (and, in the release, CLIP's bias
-vectors) train.
+vectors) train. Two configs: ``mv_adapter_release`` (the released code, pinned by a golden parity test) and
+``mv_adapter`` (the default: the suite's Kronecker reconstruction of the v1 description, see "Cross Modality Tying").
+
+The paper states: one bottleneck adapter per block of both towers on the FFN output, scaled by 0.1; Down → a small
+transformer → Up, Up zero-initialised; a temporal video adapter with [CC] / frame / patch-context tokens and a
+calibration of Up; a causal text adapter; and Cross Modality Tying (CMT) of the two towers' adapters. v1 (Jan 2023,
+the version the seed reviews) builds CMT from Kronecker products and reports about 2.56% extra parameters; v2 and the
+release use a shared scaling vector on the last 2 layers and report 2.39% (a count that holds at its "Down-In"
+position; the release's MSR-VTT config uses "down out").
+
+The release does (configs/msrvtt/msrvtt.py, modules/adapter/mv_adapter.py), and this file reproduces it:
 
 Where the adapter sits. Every residual block of both towers gets one adapter that reads the FFN output and whose
-output, scaled by ``scale`` = 0.1, is added next to it:
+output, scaled by ``scale`` = 0.1, is added next to it (the release's ``forward='seq'`` MLP adapters):
 
     h ← x + Attn(LN1(x));    m = MLP(LN2(h));    x ← h + m + 0.1 · Adapter(m)
-
-This is the release's ``forward='seq'`` placement of its MLP adapters (the adapter input is ``c_proj``'s output, the
-residual stream itself is not its input), the one both MSR-VTT configs of the release use.
 
 Adapter = Down (d→r, r = 64) → one small pre-LN transformer block over a sequence (``heads`` = 2, MLP ratio 4, with a
 LayerNorm and learned positions in front) → Up (r→d). Up's weight and bias are zero-initialised, so every adapter
@@ -31,28 +38,30 @@ positions 1,600 + [CC] 64 + calibration 7,248 = **158,160**.
 Text adapter. Down (no activation) → + positions (``max_words`` of them) → LayerNorm → the block over the words with
 CLIP's causal mask → QuickGELU → Up. Per layer, d = 512, L = 32: 32,832 + 33,280 + 128 + 49,984 + 2,048 = **118,272**.
 
-Cross Modality Tying (CMT), on the last ``tied_layers`` (= 2) blocks of each tower, pairing the visual and the text
-adapter of the same depth counted from the top. A factor shared by the pair builds or calibrates both adapters' Down
-weights, so gradients from either modality reach it. ``tying`` chooses the form:
+Cross Modality Tying, on the last ``tied_layers`` (= 2) blocks of each tower, pairing the visual and the text adapter
+of the same depth counted from the top. A factor shared by the pair builds or calibrates both adapters' Down weights,
+so gradients from either modality reach it. ``tying`` chooses the form:
 
-- ``"kronecker"`` (default; the seed / paper v1 description). Each tied adapter's Down weight (r × d_m) is a sum of
-  Kronecker products  W_down^m = Σ_{k=1..n} S_k ⊗ M_k^m  (PHM / Compacter style), with n = ``kronecker_factors`` = 4,
-  S_k ∈ R^{n×n} shared by the two towers of that layer and M_k^m ∈ R^{(r/n)×(d_m/n)} specific to modality m. n must
-  divide r and both widths: with r = 64, d_v = 768 and d_t = 512, M_k^v is 16×192 and M_k^t is 16×128; every product
-  is 64×d_m as the Down weight must be. The modality factors replace the dense Down weight of that adapter (its Down
-  bias stays). Cost per tied layer: shared n³ = 64, visual n·(r/n)·(d_v/n) = r·d_v/n = 12,288 (dense: 49,152), text
-  r·d_t/n = 8,192 (dense: 32,768), i.e. 61,376 fewer than untied adapters. Init: S_k ~ N(0, 1/n) and M_k^m ~ N(0, σ_m²)
+- ``"scale"`` (the released code and the v2 paper; ``mv_adapter_release``). A shared vector f ∈ R^32 per tied layer
+  (``tying_factor_dim``), zero-initialised; per modality β_m = Linear_m(f) and the Down weight is calibrated
+  W_down ← β_m ⊙ W_down along its input channels (``tying_position="down_in"``, Linear_m: 32→d_m) or its output
+  channels (``"down_out"``, 32→r). Released quirk kept: with f = 0 at init, β_m is Linear_m's (PyTorch-default,
+  uniform ±1/√32) bias, so tied Down weights start scaled by small random factors; the identity at init holds (Up is
+  zero). ``mv_adapter_release`` takes the release's MSR-VTT position, ``down_out``: 32 + 2·(32·64 + 64) = 4,256 per
+  tied layer, **3,496,704** trainable with all CLIP bias vectors (171,008 for ViT-B), 2.34% of ViT-B/16. Down-In
+  (``mv_adapter_release_down_in``) costs 32 + (32·768 + 768) + (32·512 + 512) = 42,272 per tied layer, which gives
+  the v2 paper's count: 12·276,432 + 2·42,272 + 171,008 = **3,572,736** (2.39%).
+- ``"kronecker"`` (the default ``mv_adapter``). **The suite's reconstruction of the v1 description, not a released
+  design:** the v1 text is not available here and no code for it was released, and the reconstruction does not match
+  v1's reported ≈2.56% (≈3.83M on ViT-B/16): it has **3,194,432** trainable parameters on ViT-B/16 (or B/32) at
+  T = 12, L = 32 = **2.14%**. Each tied adapter's Down weight (r × d_m) is a sum of Kronecker products
+  W_down^m = Σ_{k=1..n} S_k ⊗ M_k^m (PHM / Compacter style), with n = ``kronecker_factors`` = 4, S_k ∈ R^{n×n}
+  shared by the two towers of that layer and M_k^m ∈ R^{(r/n)×(d_m/n)} specific to modality m. n must divide r and
+  both widths: with r = 64, d_v = 768 and d_t = 512, M_k^v is 16×192 and M_k^t is 16×128. The modality factors
+  replace the dense Down weight of that adapter (its Down bias stays). Cost per tied layer: shared n³ = 64, visual
+  r·d_v/n = 12,288 (dense: 49,152), text r·d_t/n = 8,192 (dense: 32,768), i.e. 61,376 fewer than untied adapters:
+  12·(158,160 + 118,272) − 2·61,376 = 3,194,432 (CLIP biases frozen). Init: S_k ~ N(0, 1/n) and M_k^m ~ N(0, σ_m²)
   with σ_m the dense Down's init std of that tower, so each entry of W_down has the dense init's variance.
-  ViT-B/16 (or B/32), T = 12, L = 32, frozen biases: 12·(158,160 + 118,272) − 2·61,376 = **3,194,432** trainable.
-- ``"scale"`` (the released code and the v2 paper). A shared vector f ∈ R^32 per tied layer (``tying_factor_dim``),
-  zero-initialised; per modality β_m = Linear_m(f) and the Down weight is calibrated W_down ← β_m ⊙ W_down along its
-  input channels (``tying_position="down_in"``, Linear_m: 32→d_m) or its output channels (``"down_out"``, 32→r).
-  Released quirk kept: with f = 0 at init, β_m is Linear_m's (PyTorch-default, uniform ±1/√32) bias, so tied Down
-  weights start scaled by small random factors; this does not affect the identity at init (Up is zero).
-  Down-In costs 32 + (32·768 + 768) + (32·512 + 512) = 42,272 per tied layer. With all CLIP bias vectors trainable
-  (171,008 for ViT-B) this is the paper's count: 12·276,432 + 2·42,272 + 171,008 = **3,572,736** (2.39%).
-  Note: the release's MSR-VTT config file names ``position='down out'`` (4,256 per tied layer), which does not give
-  the paper's 3,401,728 adapter + CMT parameters; Down-In does, so it is the default of this form.
 - ``"none"``: no tying; every Down is a dense, untied Linear (3,317,184 for ViT-B).
 
 Initialisation follows the release: blocks' attention in-projection ~ N(0, d⁻¹), out-projection and MLP weights ~
@@ -60,16 +69,33 @@ N(0, (2d)⁻¹) with d the tower's width (not r), zero attention biases; visual 
 zero bias, text Down ~ N(0, (2d)⁻¹) with a zero bias; positions ~ N(0, 0.01²); [CC] ~ N(0, 1/r).
 
 Hyperparameters (configs/model/mv_adapter*.yaml): adapter lr 5e-6, weight decay 0.2, meanP similarity (the release's
-mean pooling); the release variant also trains every CLIP bias vector at ``bias_lr`` = 1e-7 (``train_clip_biases``).
+mean pooling); the release variant also trains every CLIP bias vector (LayerNorm biases included, LayerNorm gains not:
+the release's "no decay" name filter) at ``bias_lr`` = 1e-7 (``train_clip_biases``).
 
-Deviations from the release:
-- Optimiser: the suite's recipe (AdamW, decay on weight matrices only, learned positions exempt), not the release's
-  BertAdam whose groups decay every tensor whose name lacks "bias" (adapter LayerNorm gains, positions, [CC], f) and,
-  through its base config, the CLIP biases too (wd 0.2 at lr 1e-7).
-- Video positions are indexed by role (frame i's patch mean always gets position T_max+1+i); the release slices the
-  first 2T+1 rows, which differs only when a batch has fewer frames than ``num_frames``.
-- The temporal block masks padded frames with −∞ (the release adds −10⁶); the outputs are the same.
-- Any open_clip ViT works; tied layers are paired from the top, so towers of different depth are allowed.
+Parity (tests/test_parity_mv_adapter.py): the official model, built from configs/msrvtt/msrvtt.py shrunk to a 3-layer
+width-64 CLIP (bottleneck 32, 4 frames, 12 words, CMT on the top 2 layers, every zero-initialised tensor
+randomised), and this file agree within 1e-5 (measured ≤ 2.5e-6, fp32 CPU) on frame and text embeddings, similarity,
+loss and gradients (adapters, calibration, shared factors, CLIP biases): two fixtures, the release's literal
+``position='down out'`` against ``mv_adapter_release`` and ``position='down in'`` against
+``mv_adapter_release_down_in``.
+
+Differences from the release (the suite chose; everything the forward computes is the release's):
+
+| what | the release (MSR-VTT config, runner, data) | the suite | expected effect |
+|---|---|---|---|
+| CMT position | msrvtt.py says ``position='down out'`` (β scales Down's 64 output channels, 4,256 per tied layer) | the same in ``mv_adapter_release``; ``mv_adapter_release_down_in`` is the v2 paper's count (3,401,728 adapter + CMT) | Down-In has 2·(42,272 − 4,256) = 76,032 more parameters; the published 2.39% is Down-In |
+| precision | ``convert_weights`` makes every Linear / Conv / MHA weight and bias fp16 (adapters included), trained under fp16 autocast with no fp32 master copy; LayerNorms, positions, [CC], f stay fp32 | fp32 weights, bf16-mixed compute (trainer config) | release updates are quantised: a CLIP bias update of ~lr = 1e-7 is below half an fp16 ulp of any value above ≈2·10⁻⁴, so most CLIP Linear biases never change there (LayerNorm biases do); adapter updates (5e-6) are coarsened once weights reach ~10⁻² |
+| optimiser | BertAdam: no bias correction (early steps up to ≈1.5× larger, the first one ≈0.7×), decoupled decay on every tensor whose name lacks "bias" (adapter LayerNorm gains, positions, [CC], f) and on the CLIP biases too (wd 0.2 at 1e-7); global clip 1.0 (its per-tensor clip 1.0 is then a no-op) | AdamW (β 0.9/0.98, ε 1e-6, bias-corrected), decay on weight matrices only, positions / [CC] / f / biases exempt; clip 1.0 | small: lr·wd ≤ 10⁻⁶ per step |
+| lr schedule | factor x/0.1 over the first 10% (x = step / total; the first update has lr 0), then 0.5(1 + cos πx) over the whole run (1 → 0.976 at the end of warm-up) | the same shape (``lr_schedule: warmup_cosine``, the module's default) | none |
+| multi-GPU gradient | CLIP4Clip's AllGather passes back only the local slice, DDP averages: the gradient is ∇(global loss)/N on N GPUs | Lightning's all-gather sums the slices back: ∇(global loss) | Adam is scale-free except ε and clipping: with N× smaller gradients, the release's clip at 1.0 binds less often |
+| batch, epochs | 16 per GPU (N not stated), DistributedSampler shuffling, drop_last; 5 epochs; lrs 5e-6 / 1e-7 | configs/data: 16 per GPU, global 128 on 8 GPUs; 5 epochs; same lrs | none at 8 GPUs |
+| frames | pre-extracted frame images listed in the annotation files (extraction rate not in the repo); ``slice_framepos=2``: frame 0 and floor(i·n/12), i = 1…11 (the first frame of each of 12 equal segments), train and test alike; fewer frames are zero-padded after normalisation | decoded from the videos: ``uniform`` takes the middle (eval) or a random (train) frame of each segment, ``fps`` CLIP4Clip's 1 frame/s; pads uint8 zeros (normalised to −mean/std) | frame choice: small (half a segment earlier); padding: none (masked keys, masked pooling; checked) |
+| resizing | PIL bicubic resize of the short side to 224 + centre crop on JPEG frames | torch bicubic (antialiased) on decoded uint8 frames | pixel-level only |
+| text | max_words 32: [SOT] + 30 BPE tokens + [EOT], zero padding; positions must be exactly ``max_words`` long | open_clip's tokenizer at ``max_words`` = 32 (same truncation); positions sliced to the length given | none |
+| video positions | the first 2T+1 rows | indexed by role (frame i's patch mean → T_max+1+i) | none while T = ``num_frames`` (always: frames are padded) |
+| padded-frame mask | −10⁶ added | −∞ | none |
+| model selection | evaluates the 1k-A test set (its only validation set) after every epoch and logs the best epoch per metric (t2v, v2t, sums) | the model after the last epoch | release numbers may be best-of-5 on the test set, optimistic by the epoch-to-epoch spread |
+| backbone | OpenAI CLIP jit files (``clip_arch`` v16 by default; B/32, L/14 accepted) with adapter widths and layer lists written in the config for B/16 | any open_clip ViT; widths read from the model, tied layers paired from the top (towers of different depth allowed) | none on ViT-B/16 |
 """
 
 from __future__ import annotations
@@ -287,9 +313,11 @@ class MVAdapter(RetrievalModule):
         tied_layers: how many of the top blocks of each tower are tied (2).
         kronecker_factors: n, the number of Kronecker terms and the shared factors' size n×n (4).
         tying_factor_dim: the shared vector's size in the ``scale`` form (32).
-        tying_position: ``down_in`` (default; the paper's count) or ``down_out`` for the ``scale`` form.
+        tying_position: ``down_in`` (the class default; the paper's count) or ``down_out`` (the release's MSR-VTT
+            config, set by ``mv_adapter_release``) for the ``scale`` form.
         train_clip_biases: also train every CLIP bias vector (the release), at ``bias_lr``.
         bias_lr: learning rate of CLIP's biases (1e-7 in the release); null falls back to ``backbone_lr`` / ``lr``.
+        lr: the adapters' learning rate, 5e-6 as in the release; other arguments: see `RetrievalModule`.
     """
 
     def __init__(
@@ -306,9 +334,10 @@ class MVAdapter(RetrievalModule):
         tying_position: str = "down_in",
         train_clip_biases: bool = False,
         bias_lr: float | None = None,
+        lr: float = 5e-6,
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        super().__init__(lr=lr, **kwargs)
         if tying not in TYING_FORMS:
             raise ValueError(f"tying must be one of {TYING_FORMS}, got {tying!r}")
         if tying_position not in SCALE_POSITIONS:

@@ -4,41 +4,67 @@ CLIP stays frozen; learnable prompt tokens enter every layer of both towers and 
 every layer ("deep" prompts, as in VPT-deep). The video embedding is the mean of the frame embeddings (meanP). Only the
 prompts, and VoP^C's prompt generator, train; ``logit_scale`` stays at its pretrained value.
 
-One class, `VoP`, builds all six variants from three switches (configs/model/vop*.yaml):
+The paper states the method and prints one rounded size per variant (0.1M for VoP and VoP^F, 0.5M VoP^P, 14.3M VoP^C,
+0.4M VoP^F+P, 14.1M VoP^F+C) for every dataset. The release (ModelScope ``modelscope/models/cv/vop_retrieval``) is
+inference code for VoP base only. Everything about P, C and F beyond the paper's words is the suite's reconstruction.
 
-======================  ==================  ==========================  ======================================
-config                  ``video_prompts``   ``function_prompts``        trainable on ViT-B/32 and B/16 (12 fr.)
-======================  ==================  ==========================  ======================================
-vop      (VoP)          shared              false                       122,880      (paper: 0.12M)
-vop_p    (VoP^P)        frame               false                       528,384      (paper: 0.53M)
-vop_c    (VoP^C)        context             false                       14,263,576   (paper: 14.3M)
-vop_f    (VoP^F)        shared              true                        122,880      (paper: 0.12M)
-vop_fp   (VoP^F+P)      frame               true                        393,216      (paper: 0.39M)
-vop_fc   (VoP^F+C)      context             true                        14,128,408   (paper: 14.1M)
-======================  ==================  ==========================  ======================================
+One class, `VoP`, builds all variants from three switches (configs/model/vop*.yaml). Trainable parameters on ViT-B/32
+and B/16 (``petl-bench params --backbone ViT-B-32 --frames F``); P and C grow with the frame count because they hold
+one prompt set (and one generator map) per frame position:
 
-**VoP (base).** Vision: 8 prompts per layer right after CLS, ``[CLS, P1..P8, patches]``, the same for every frame.
-At layer 0 they are inserted after the positional embedding (so they carry none) and before ``ln_pre`` (which sees
-them too) — the `visual_tokens` hook; at every later layer the 8 slots are overwritten with that layer's prompts.
-Text: 4 prompts right after SOT and 4 more, inserted after the token embedding and *before* CLIP's positional
-embedding (which then covers the prompt positions too, as in the release), overwritten at every later layer; the causal
-mask is CLIP's own. All prompts start as N(0, 0.02²). 12·8·768 + 12·8·512 = 122,880 parameters.
+======================  =============  ============  ==========  ==========  ============  =============
+config                  video_prompts  function_pr.  12 frames   64 frames   paper prints  exact count
+======================  =============  ============  ==========  ==========  ============  =============
+vop      (VoP)          shared         false         122,880     122,880     0.1M          as released
+vop_eot  (suite's)      shared         false         122,880     122,880     —             as released
+vop_p    (VoP^P)        frame          false         528,384     2,445,312   0.5M          reconstructed
+vop_c    (VoP^C)        context        false         14,263,576  73,049,368  14.3M         reconstructed
+vop_f    (VoP^F)        shared         true          122,880     122,880     0.1M          = VoP's
+vop_fp   (VoP^F+P)      frame          true          393,216     1,671,168   0.4M          reconstructed
+vop_fc   (VoP^F+C)      context        true          14,128,408  72,275,224  14.1M         reconstructed
+======================  =============  ============  ==========  ==========  ============  =============
+
+The paper's single size per variant cannot hold at 64 frames with per-frame prompt sets; a frame-count-invariant
+design (e.g. 12 position sets shared by buckets of frames, or interpolated over time) would be a further invention the
+paper does not describe, so the suite keeps one set per frame position and reports the counts above per frame count
+(MSR-VTT, MSVD, VATEX: 12 frames; DiDeMo, ActivityNet: 64).
+
+**VoP (base)** — as the release does it. Vision: 8 prompts per layer right after CLS, ``[CLS, P1..P8, patches]``, the
+same for every frame. At layer 0 they are inserted after the positional embedding (so they carry none) and before
+``ln_pre`` (which sees them too) — the `visual_tokens` hook; at every later layer the 8 slots are overwritten with that
+layer's prompts. Text: 4 prompts right after SOT and 4 "suffix" prompts, inserted after the token embedding and
+*before* CLIP's positional embedding (which then covers the prompt positions too), overwritten at every later layer;
+the causal mask is CLIP's own. All prompts start as N(0, 0.02²). 12·8·768 + 12·8·512 = 122,880 parameters.
+Read-out (``text_readout``):
+- ``release`` (default, as the release): the token ids are zero-padded to the release's fixed context of
+  77 − 8 = 69 ids, the suffix prompts go just before the last of those positions (after EOT, among the padding:
+  ``[SOT, 4 P, words, EOT, pad…, 4 P, pad]``) and the feature is read at ``argmax(ids) + 8``, i.e. 4 positions after
+  the shifted EOT — a padding token for every caption with EOT before position 64. For such captions the suffix
+  prompts are dead (causal mask) and the feature is not CLIP's EOT feature. The published numbers were made so.
+  The padding is done here (with id 0's embedding, the pad id of both tokenizers) so the result does not depend on
+  ``max_words``: a caption that fits ``max_words`` gets exactly the release's feature (tests/test_parity_vop.py).
+- ``eot`` (the suite's choice, configs/model/vop_eot.yaml): no padding to 69; the suffix prompts sit right before each
+  caption's EOT, ``[SOT, 4 P, words, 4 P, EOT, pad]``, so all 8 are live for every caption, and the feature is read
+  at the true EOT. Expected effect: the text prompts' full capacity is used; small changes in R@1 either way
+  (untested at full scale).
 
 **VoP^P (frame-position prompts).** In the *P layers* each frame position t ∈ [0, T) has its own prompt set, which
-replaces the shared set there; the other layers keep VoP's shared prompts. The paper does not say which layers; its
-528,384 parameters on B/32 mean 6 of 12 (6·8·768 + 6·12·8·768 + 12·8·512), and we take the deeper half (6..11).
+replaces the shared set there; the other layers keep VoP's shared prompts. The paper does not say which layers; 6 of 12
+(6·8·768 + 6·12·8·768 + 12·8·512 = 528,384 at 12 frames, the paper's 0.5M, also 0.53M from its percentage) is the
+suite's reading, and the suite takes the deeper half (6..11).
 
 **VoP^C (context prompts).** In the *C layers* (also the deeper half by default), the CLS tokens of all T frames
 leaving the previous layer go through a context module — a BiLSTM over the frame axis, as reported — and a per-frame
-linear layer turns frame t's context vector into frame t's 8 prompts. Reconstruction (the paper gives no sizes):
+linear layer turns frame t's context vector into frame t's 8 prompts. The sizes are the suite's reconstruction (the
+paper gives none):
 - one generator (BiLSTM + per-frame weights) is shared by the C layers, and each C layer keeps its own per-frame bias —
   a (T, 8, D) tensor, i.e. exactly a VoP^P prompt set — so prompts differ between layers and ``C = P + context term``.
   A generator per layer cannot match the reports: VoP^C (C in 6 layers) and VoP^F+C (C in 4 layers) differ by only
   ~0.2M, while a per-layer generator of ~2.4M would make them differ by ~4.7M.
 - the BiLSTM has ``context_hidden`` = 89 units per direction; the per-frame weights map its 178-d output to 8·768.
   89 is not from the paper: it is the size at which this reconstruction gives 14,263,576 (VoP^C) and 14,128,408
-  (VoP^F+C), i.e. both reported figures (14.3M, 14.1M) after rounding; round sizes miss one of them (64 → 10.4M /
-  10.3M, 96 → 15.3M / 15.2M). Of each total, the BiLSTM is 611,608 and the per-frame weights 13,123,584.
+  (VoP^F+C) at 12 frames, i.e. both printed figures (14.3M, 14.1M) after rounding; round sizes miss one of them
+  (64 → 10.4M / 10.3M, 96 → 15.3M / 15.2M). Of each total, the BiLSTM is 611,608 and the per-frame weights 13,123,584.
 - the CLS tokens are layer-normalised (no parameters) before the BiLSTM: CLIP's residual stream has outlier channels
   of magnitude ≫ 1 that would saturate the LSTM gates. Padded frames are packed out of the BiLSTM.
 - the per-frame weights start as N(0, 0.02²) like the prompts, so the generated term starts small but non-zero.
@@ -47,24 +73,39 @@ linear layer turns frame t's context vector into frame t's 8 prompts. Reconstruc
 jointly over all T frames' tokens plus one shared prompt set: (B·T, N, D) is regrouped to (B, T·N + 8, D), the frozen
 block runs on that unchanged (its LayerNorms and MLP are per token, so only attention mixes frames), and the result is
 split back per frame. Padded frames (``ctx.frame_mask``) are masked out of the joint attention's keys. No parameters
-beyond VoP's. K^s ∈ {4, 8} in the paper, 8 by default; here ``shallow_layers=None`` means round(2/3 · depth) = 8 of
-12 (3 of the tiny backbone's 4), so the same config works on every backbone. VoP^F+P / VoP^F+C put the P / C prompts
-in the joint layers (4 of 12: 393,216 for F+P as reported): each frame then brings its own prompt set into the joint
-sequence (T·8 prompt tokens).
+beyond VoP's. K^s = 8 is the suite's reconstruction, not a value the paper states: it is inferred from VoP^F+P's size
+(P prompts in the 4 joint layers of 12: 393,216, the paper's 0.4M); ``shallow_layers=None`` means round(2/3 · depth)
+= 8 of 12 (3 of the tiny backbone's 4), so the same config works on every backbone. VoP^F+P / VoP^F+C put the P / C
+prompts in the joint layers: each frame then brings its own prompt set into the joint sequence (T·8 prompt tokens).
 
-Deviations from the release (ModelScope ``vop_retrieval``, inference code only) and the paper:
-- *Text suffix prompts and the read-out position.* The release inserts the 4 "suffix" prompts just before the last
-  position of its 69-token padded context, i.e. after EOT among the padding, and reads the feature at
-  ``argmax(ids) + 8`` — 4 positions after the (shifted) EOT, a padding token for most captions — so the suffix prompts
-  are dead for all but near-full captions (causal mask) and the feature is not CLIP's EOT feature. Default here
-  (``text_readout="eot"``): the suffix prompts sit right before each caption's EOT, ``[SOT, 4 P, words, 4 P, EOT, pad]``,
-  so they are live for every caption, and the feature is read at the true EOT. ``text_readout="release"`` reproduces
-  the release exactly (placement before the last context position, read at argmax + 8).
-- *Text context.* The release shortens the context to 77 − 8 = 69 tokens; here the data's ``max_words`` (32 for
-  MSR-VTT) plus the 8 prompts must fit CLIP's 77 positions, checked at construction.
-- *Weight decay.* Prompts are token embeddings, exempt from weight decay like CLIP's own embeddings; the generator's
-  matrices decay as usual.
-- The P / C layers and K^s are options (``video_prompt_layers``, ``shallow_layers``); defaults as stated above.
+Differences from the release (VoP base; the release is inference-only, so training follows the suite's shared recipe)::
+
+    aspect        the release                          the suite                           expected effect
+    ------------  -----------------------------------  ----------------------------------  --------------------------
+    text read-    suffix prompts after EOT, read at    the same by default (text_readout:  none by default; vop_eot:
+    out           argmax + 8 (padding, most captions)  release); vop_eot reads at EOT      all 8 text prompts live
+    text context  69 ids (77 − 8); longer captions     data's max_words (32 MSR-VTT, 64    none within max_words;
+                  cut to SOT + 67 tokens + EOT         DiDeMo/ActivityNet), ≤ 77 − 8       longer captions cut
+                                                                                           earlier (rare at 32)
+    text padding  id 0 up to 69                        id 0 up to max_words (open_clip),   none (same embeddings)
+                                                       then id 0's embedding up to 69
+    video         short videos repeat their last       zero frames masked out of meanP     videos shorter than T
+    padding       frame up to T; all T averaged                                            frames only
+    frame         X-Pool uniform: T equal segments     the data config's, common to every  fps: other frames (1 per
+    sampling      over all frames; eval frame          method: CLIP4Clip's 1 fps on real   second, thinned); uniform:
+                  (s + e − 1) // 2, train [s, e − 2]   data; --data.frame_protocol=uniform ≤ 1 frame offset
+                                                       gives segments, eval (s + e) // 2,
+                                                       train any of [s, e − 1]
+    pixels        cv2, float / 255, torchvision        uint8 bicubic antialiased resize    ~1/255 pixel rounding
+                  bicubic Resize + CenterCrop          and crop; CLIP mean/std on device
+    similarity    pooled video: mean of normalised     meanP cosine (the mean is           V2T ranking unchanged;
+                  frames, not re-normalised            re-normalised)                      T2V may shift slightly
+    precision     fp32 (its build_model keeps CLIP     the trainer's: 32-true on CPU,      bf16: ~1e-3 relative
+                  in fp32, also on GPU)                bf16-mixed on GPU                   noise
+    training      none released (the paper's /         shared AdamW recipe (module.py),    absolute R@1 may differ
+    recipe        X-Pool's recipe)                     lr 1e-4, X-Pool's cosine after      from the paper; the
+                                                       warm-up, prompts without weight     comparison stays fair
+                                                       decay, logit_scale frozen
 """
 
 from __future__ import annotations
@@ -143,8 +184,9 @@ class VoP(RetrievalModule):
     Args:
         visual_prompt_length: prompts per layer of the image tower (8); per frame in P / C layers.
         text_prefix_length / text_suffix_length: text prompts after SOT (4) and before EOT (4) per layer.
-        text_readout: ``eot`` (suffix before EOT, read at EOT; default) or ``release`` (suffix after EOT, read at
-            argmax + prompts, as the released code).
+        text_readout: ``release`` (default: ids padded to the release's 77 − 8 context, suffix prompts after EOT
+            before the last position, read at argmax + 8, as the released code) or ``eot`` (the suite's variant:
+            suffix prompts right before EOT, read at EOT).
         prompt_init_std: std of the normal init of prompts and of VoP^C's per-frame weights (0.02).
         video_prompts: ``shared`` (VoP), ``frame`` (VoP^P), ``context`` (VoP^C) — what the video prompt layers use.
         video_prompt_layers: the P / C layers; None → the joint layers under ``function_prompts``, else the deeper
@@ -152,6 +194,8 @@ class VoP(RetrievalModule):
         function_prompts: VoP^F — layers from ``shallow_layers`` on attend jointly over all frames.
         shallow_layers: K^s, the number of per-frame layers under VoP^F; None → round(2/3 · depth) (8 of 12).
         context_module: ``bilstm`` (reported) or ``lstm`` (one direction); context_hidden: its units per direction.
+        lr_schedule: ``cosine_after_warmup`` by default, the schedule of X-Pool (whose code VoP's training builds on);
+            other arguments: see `RetrievalModule`.
     """
 
     def __init__(
@@ -159,7 +203,7 @@ class VoP(RetrievalModule):
         visual_prompt_length: int = 8,
         text_prefix_length: int = 4,
         text_suffix_length: int = 4,
-        text_readout: str = "eot",
+        text_readout: str = "release",
         prompt_init_std: float = 0.02,
         video_prompts: str = "shared",
         video_prompt_layers: list[int] | None = None,
@@ -167,9 +211,10 @@ class VoP(RetrievalModule):
         shallow_layers: int | None = None,
         context_module: str = "bilstm",
         context_hidden: int = 89,
+        lr_schedule: str = "cosine_after_warmup",
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        super().__init__(lr_schedule=lr_schedule, **kwargs)
         if text_readout not in TEXT_READOUTS:
             raise ValueError(f"text_readout must be one of {TEXT_READOUTS}, got {text_readout!r}")
         if video_prompts not in VIDEO_PROMPTS:
@@ -220,6 +265,8 @@ class VoP(RetrievalModule):
         self.text_prefix_length = text_prefix_length
         self.text_suffix_length = text_suffix_length
         self.text_readout = text_readout
+        # the release tokenises to a fixed context of CLIP's 77 − 8 ids; its suffix slots and read position follow it
+        self.release_text_context = self.clip.context_length - text_prefix_length - text_suffix_length
 
         def normal(*shape: int) -> nn.Parameter:
             return nn.Parameter(torch.randn(*shape) * prompt_init_std)
@@ -327,18 +374,30 @@ class VoP(RetrievalModule):
         return torch.cat([pre, suf], dim=1)
 
     def text_tokens(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """Layer 0: insert the prompts before CLIP's positional embedding is added; move the read-out index."""
+        """Layer 0: insert the prompts before CLIP's positional embedding is added (``release``: after padding the
+        ids to the release's context); move the read-out index."""
         if self.text_prompts.shape[1] == 0:
             return x
         if bool((ctx.eot_index < 1).any()):
             raise ValueError("a caption's token ids have no SOT/EOT (all-zero row?); tokenise with open_clip's "
                              "tokenizer, which starts every caption with SOT and ends it with EOT")
+        if self.text_readout == "release":
+            x = self.pad_to_release_context(x)
         positions = self.text_prompt_positions(ctx.eot_index, x.shape[1])
         ctx.state["text_prompt_positions"] = positions
         # eot: the true EOT moved past all prompts; release: 4 past it (the released read position)
         ctx.eot_index = ctx.eot_index + self.text_prompts.shape[1]
         prompts = self.text_prompts[0].to(x.dtype).expand(x.shape[0], -1, -1)
         return insert_tokens(x, positions, prompts)
+
+    def pad_to_release_context(self, x: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, L, D) padded with id 0's embedding (the pad id of the release's and open_clip's
+        tokenizers) to the release's context, so that a caption's feature does not depend on ``max_words``."""
+        missing = self.release_text_context - x.shape[1]
+        if missing <= 0:
+            return x
+        pad = self.clip.model.token_embedding.weight[0].to(x.dtype)
+        return torch.cat([x, pad.expand(x.shape[0], missing, -1)], dim=1)
 
     def text_block(self, i: int, block: nn.Module, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         if i > 0 and self.text_prompts.shape[1] > 0:

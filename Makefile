@@ -14,7 +14,7 @@ export WANDB_MODE ?= offline
 # OpenMP threads then slow the tiny synthetic models by an order of magnitude (measured: 19.7 vs 1466 ms per step).
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install test test-slow test-all bench record sweep report params synth lint clean
+.PHONY: install test test-slow test-all bench record sweep report params synth perf lint clean
 
 install:  ## create .venv and install the package with its test tools (torch 2.14.1 + torchvision 0.29.1)
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ report:  ## rewrite results/$(DATASET)/report.md and its plots from the run reco
 
 params:  ## trainable / total parameters of every method on ViT-B/32
 	$(PY) -m petl_bench.cli params --backbone ViT-B-32
+
+perf:  ## step time, peak memory, checkpoint size, eval / loader / loop cost of every method vs full fine-tuning (ARGS=...)
+	$(PY) -m petl_bench.cli perf $(ARGS)
 
 synth:  ## generate the synthetic clips and the synthetic pre-trained backbone
 	$(PY) -m petl_bench.cli synth

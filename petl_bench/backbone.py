@@ -16,19 +16,33 @@ changes it only through the hooks of `CLIPHooks` (DESIGN.md, "How a method plugs
   ``ctx.eot_index``);
 - ``visual_block(i, block, x, ctx)`` / ``text_block(i, block, x, ctx)``: one residual block; the default runs
   `attention_part` and `mlp_part` with their residual adds, so an adapter can sit after either.
+- ``visual_readout(x, ctx)``: the last block's output → one class token per frame, (B·T, D), before ``ln_post``; the
+  default takes token 0 of each row (a method that merges tokens across frames, TempMe, reads its own layout).
 `ForwardContext` carries the batch size B, the frame count T and the masks, so temporal modules can reshape
 (B·T, N, D) ↔ (B, T, N, D).
+
+Both towers run their blocks through `run_blocks`, which is where the forward's cost is controlled (issue 12) without
+touching what it computes:
+- blocks before ``hooks.grad_start(tower)`` (the first block whose forward involves a trainable tensor) run under
+  ``torch.no_grad`` while nothing upstream needs a gradient; every block from there on runs with autograd, so a frozen
+  block *after* a trainable one still passes gradients back;
+- ``hooks.activation_checkpointing``: blocks that need autograd are recomputed in the backward pass instead of keeping
+  their activations (non-reentrant `torch.utils.checkpoint`);
+- ``hooks.compile_blocks``: each block hook goes through one `torch.compile`d callable (regional compilation: the
+  block loop stays Python, each block's hook is a graph, specialised on the block index).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import open_clip
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from petl_bench import MODEL_CONFIG_DIR  # noqa: F401  (importing the package registers the tiny configs)
 
@@ -61,7 +75,20 @@ def mlp_part(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class CLIPHooks:
-    """Default hooks: the unmodified CLIP forward. Methods override what they change."""
+    """Default hooks: the unmodified CLIP forward. Methods override what they change.
+
+    The class attributes below choose how `run_blocks` executes the blocks; they never change the result.
+    """
+
+    no_grad_prefix: bool = True  # run blocks before `grad_start` without autograd
+    activation_checkpointing: bool = False  # recompute blocks in the backward pass instead of storing activations
+    compile_blocks: bool = False  # regional torch.compile of each block hook
+    compile_backend: str = "inductor"  # torch.compile's backend ("eager" / "aot_eager": tracing without codegen)
+
+    def grad_start(self, tower: str) -> int:
+        """Index of the first block of ``tower`` whose forward involves a tensor that trains. Default 0 (every
+        block with autograd: always correct); `RetrievalModule` derives it from what trains."""
+        return 0
 
     def visual_tokens(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return x
@@ -76,6 +103,9 @@ class CLIPHooks:
     def text_block(self, i: int, block: nn.Module, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + attention_part(block, x, ctx.attn_mask)
         return x + mlp_part(block, x)
+
+    def visual_readout(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return x[:, 0]
 
 
 def _is_path(pretrained: str) -> bool:
@@ -221,6 +251,47 @@ class CLIPBackbone(nn.Module):
         return (x - self.pixel_mean) / self.pixel_std
 
 
+# torch.compile specialises a block hook on the block index: one entry per block and tower, above dynamo's default of 8
+_COMPILE_RECOMPILE_LIMIT = 64
+
+
+def _block_function(hooks: CLIPHooks, tower: str) -> Callable:
+    hook = hooks.visual_block if tower == "visual" else hooks.text_block
+    if not hooks.compile_blocks:
+        return hook
+    compiled = hooks.__dict__.setdefault("_compiled_block_hooks", {})
+    if tower not in compiled:
+        import torch._dynamo
+
+        config = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+            if hasattr(config, name):
+                setattr(config, name, max(getattr(config, name), _COMPILE_RECOMPILE_LIMIT))
+        if hasattr(config, "accumulated_recompile_limit"):
+            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * _COMPILE_RECOMPILE_LIMIT)
+        compiled[tower] = torch.compile(hook, dynamic=False, backend=hooks.compile_backend)
+    return compiled[tower]
+
+
+def run_blocks(hooks: CLIPHooks, tower: str, blocks: nn.ModuleList, x: torch.Tensor, ctx: ForwardContext
+               ) -> torch.Tensor:
+    """The block loop of one tower: ``x = hooks.<tower>_block(i, block, x, ctx)`` for every block, executed as the
+    hooks' flags say (module docstring); the values are those of the plain loop."""
+    block_fn = _block_function(hooks, tower)
+    grad = torch.is_grad_enabled()
+    # a prefix needs no autograd only while nothing upstream (prompts, trainable embeddings) carries a gradient
+    start = hooks.grad_start(tower) if grad and hooks.no_grad_prefix and not x.requires_grad else 0
+    for i, block in enumerate(blocks):
+        if i < start:
+            with torch.no_grad():
+                x = block_fn(i, block, x, ctx)
+        elif grad and hooks.activation_checkpointing:
+            x = checkpoint(block_fn, i, block, x, ctx, use_reentrant=False)
+        else:
+            x = block_fn(i, block, x, ctx)
+    return x
+
+
 def encode_frames(
     backbone: CLIPBackbone, hooks: CLIPHooks, frames: torch.Tensor, frame_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -237,9 +308,8 @@ def encode_frames(
     x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
     x = hooks.visual_tokens(x, ctx)
     x = visual.ln_pre(x)
-    for i, block in enumerate(backbone.visual_blocks):
-        x = hooks.visual_block(i, block, x, ctx)
-    pooled = visual.ln_post(x[:, 0])
+    x = run_blocks(hooks, "visual", backbone.visual_blocks, x, ctx)
+    pooled = visual.ln_post(hooks.visual_readout(x, ctx))
     if visual.proj is not None:
         pooled = pooled @ visual.proj
     return pooled.view(B, T, -1)
@@ -264,8 +334,7 @@ def encode_tokens(backbone: CLIPBackbone, hooks: CLIPHooks, text: torch.Tensor) 
         )
     x = x + model.positional_embedding[:L].to(x.dtype)
     ctx.attn_mask = model.attn_mask[:L, :L] if model.attn_mask is not None else None
-    for i, block in enumerate(backbone.text_blocks):
-        x = hooks.text_block(i, block, x, ctx)
+    x = run_blocks(hooks, "text", backbone.text_blocks, x, ctx)
     x = model.ln_final(x)
     pooled = x[torch.arange(B, device=x.device), ctx.eot_index]
     proj = model.text_projection

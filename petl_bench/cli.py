@@ -8,7 +8,8 @@
   --seed_everything S --<grid key>=V]`` runs one point of a sweep file (what W&B sweep agents call).
 - ``petl-bench params`` (parameter counts), ``synth`` (synthetic clips + backbone), ``prepare`` (check a dataset
   folder, build a frame cache), ``bench`` / ``sweep`` (grids of runs), ``report``, ``dashboard`` (W&B report),
-  ``speed`` (step time and memory per method): see ``petl-bench <command> --help``.
+  ``perf`` (training step, memory, checkpoint, evaluation, data-loading and loop costs per method, as ratios to full
+  fine-tuning; ``speed`` is its old name): see ``petl-bench <command> --help``.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import argparse
 import json
 import sys
 import warnings
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
-from petl_bench.data.datamodule import RetrievalDataModule
+from petl_bench.data.datamodule import RetrievalDataModule, check_sizes
 from petl_bench.metrics import RetrievalMetrics
 from petl_bench.module import RetrievalModule
 
@@ -33,6 +35,55 @@ class PetlCLI(LightningCLI):
         parser.link_arguments("data.num_frames", "model.init_args.num_frames")
         parser.link_arguments("data.max_words", "model.init_args.max_words")
         parser.link_arguments("model.init_args.backbone", "data.backbone")
+
+    def before_instantiate_classes(self) -> None:
+        # Frame, token and batch counts are checked before the model is built: a temporal module sized from a bad
+        # num_frames would otherwise fail first, inside a parser error about Union subtypes.
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        data = config.get("data") if config is not None else None
+        if data is not None:
+            data = data.get("init_args", data)
+            check_sizes(data.get("num_frames"), data.get("max_words"), data.get("batch_size"),
+                        data.get("eval_batch_size"))
+
+    def _parse_ckpt_path(self) -> None:
+        """``--ckpt_path``: the configured model is built, never the checkpoint's (LightningCLI's default is to parse
+        the checkpoint's saved hyper-parameters over the config, class included). A checkpoint of another method,
+        backbone or frame count is refused naming both; other differing hyper-parameters are reported, the config
+        wins. An unreadable file is named."""
+        from petl_bench.checkpoint import check_identity, read_checkpoint
+
+        if not self.config.get("subcommand"):
+            return
+        cfg = self.config[self.config.subcommand]
+        path = cfg.get("ckpt_path")
+        if not path or path in ("last", "best", "hpc", "registry") or not Path(path).exists():
+            return  # Lightning resolves the names; a missing file is reported by Lightning with its path
+        checkpoint = read_checkpoint(path)
+        model = cfg.get("model")
+        init = dict(vars(model.get("init_args") or {})) if model is not None else {}
+        check_identity(checkpoint, {"method": model.get("class_path") if model is not None else None,
+                                    "backbone": init.get("backbone"), "num_frames": init.get("num_frames")}, path)
+        saved = checkpoint.get("hyper_parameters") or {}
+        differ = sorted(k for k, v in init.items() if k in saved and saved[k] != v and not isinstance(v, dict))
+        if differ:
+            warnings.warn(f"{path}: the config's {', '.join(f'{k}={init[k]!r}' for k in differ)} replace the "
+                          f"checkpoint's ({', '.join(f'{k}={saved[k]!r}' for k in differ)})", stacklevel=1)
+
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer, with atomic checkpoint writes and the run checkpoint placed in ``default_root_dir``."""
+        from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+        from petl_bench.checkpoint import AtomicCheckpointIO
+        from petl_bench.resume import RunCheckpoint
+
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        for callback in trainer.callbacks:
+            if isinstance(callback, RunCheckpoint):
+                callback.bind(trainer.default_root_dir)  # before fit, so that `--ckpt_path last` finds last.ckpt
+        return trainer
 
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> PetlCLI:
@@ -120,10 +171,14 @@ COMMANDS = {
     "sweep": "petl_bench.bench.sweep:sweep_command",
     "report": "petl_bench.bench.report:report_command",
     "dashboard": "petl_bench.bench.dashboard:dashboard_command",
-    "speed": "petl_bench.bench.speed:speed_command",
+    "perf": "petl_bench.bench.perf:perf_command",
+    "speed": "petl_bench.bench.perf:perf_command",  # the old name
     "prepare": "petl_bench.data.prepare:prepare_command",
     "params": "petl_bench.cli:params_command",
     "synth": "petl_bench.cli:synth_command",
+    "export": "petl_bench.export:export_command",
+    "index": "petl_bench.index:index_command",
+    "search": "petl_bench.index:search_command",
 }
 
 

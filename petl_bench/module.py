@@ -40,8 +40,25 @@ def mean_pool(frame_emb: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor
 
 
 def meanp_similarity(text_emb: torch.Tensor, frame_emb: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity (C, V) between texts and mean-pooled videos."""
-    return F.normalize(text_emb, dim=-1) @ mean_pool(frame_emb, frame_mask).t()
+    """Cosine similarity (C, V) between texts and mean-pooled videos.
+
+    Pooling makes two (V, T, D) temporaries; beyond ``_POOL_BLOCK`` entries (evaluation: 20k videos, 2 x 0.5 GB)
+    videos are pooled in blocks — row by row the same values."""
+    step = max(1, _POOL_BLOCK // max(1, frame_emb.shape[1] * frame_emb.shape[2]))
+    if frame_emb.shape[0] > step:
+        # one buffer rather than a list of pieces to concatenate, which fragments the heap between blocks
+        video = frame_emb.new_empty(frame_emb.shape[0], frame_emb.shape[2])
+        for v in range(0, frame_emb.shape[0], step):
+            video[v:v + step] = mean_pool(frame_emb[v:v + step], frame_mask[v:v + step])
+    else:
+        video = mean_pool(frame_emb, frame_mask)
+    return F.normalize(text_emb, dim=-1) @ video.t()
+
+
+# (V, T, D) entries mean-pooled at once (8 MB a temporary; a training batch, ≤ 128 x 12 x 512, is one block)
+_POOL_BLOCK = 1 << 21
+# (C, V, D) entries of text-conditioned pooling computed at once (16 MB a temporary; a global batch of 128 is 2 blocks)
+_TEXT_CONDITIONED_BLOCK = 1 << 22
 
 
 def text_conditioned_similarity(
@@ -49,8 +66,25 @@ def text_conditioned_similarity(
 ) -> torch.Tensor:
     """Cross-Modal Adapter's parameter-free text-conditioned pooling → cosine similarity (C, V).
 
-    score[c, v, f] = ⟨t_c, v_f⟩ / τ on un-normalised embeddings; padded frames get no weight.
+    score[c, v, f] = ⟨t_c, v_f⟩ / τ on un-normalised embeddings; padded frames get no weight. The pooled videos
+    are (C, V, D): beyond ``_TEXT_CONDITIONED_BLOCK`` entries (evaluation: 1k captions x 20k videos would be 41 GB)
+    videos are scored in blocks, each column computed as in one call.
     """
+    block = max(1, _TEXT_CONDITIONED_BLOCK // max(1, text_emb.shape[0] * max(frame_emb.shape[1:])))
+    if frame_emb.shape[0] > block:
+        parts = range(0, frame_emb.shape[0], block)
+        if not torch.is_grad_enabled():
+            # written into one buffer: a list of pieces kept alive between the blocks' temporaries fragments the heap
+            # (glibc: measured 15x the embeddings' memory at 2k videos, 2x with this buffer)
+            out = text_emb.new_empty(text_emb.shape[0], frame_emb.shape[0])
+            for v in parts:
+                out[:, v:v + block] = text_conditioned_similarity(
+                    text_emb, frame_emb[v:v + block], frame_mask[v:v + block], temperature)
+            return out
+        return torch.cat([
+            text_conditioned_similarity(text_emb, frame_emb[v:v + block], frame_mask[v:v + block], temperature)
+            for v in parts
+        ], dim=1)
     scores = torch.einsum("cd,vfd->cvf", text_emb, frame_emb) / temperature
     scores = scores.masked_fill(~frame_mask.unsqueeze(0), float("-inf"))
     weights = scores.softmax(dim=-1)
@@ -63,6 +97,13 @@ def symmetric_infonce(logits: torch.Tensor) -> torch.Tensor:
     target = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
+
+# CLIP tensors outside the blocks: used before the first block (embeddings, ln_pre) or after the last one
+CLIP_OUTSIDE_BLOCKS = ("clip.model.visual.conv1.", "clip.model.visual.class_embedding",
+                       "clip.model.visual.positional_embedding", "clip.model.visual.ln_pre.", "clip.model.visual.ln_post.",
+                       "clip.model.visual.proj", "clip.model.token_embedding.", "clip.model.positional_embedding",
+                       "clip.model.ln_final.", "clip.model.text_projection", "clip.model.logit_scale")
+BLOCK_PREFIXES = {"visual": "clip.model.visual.transformer.resblocks.", "text": "clip.model.transformer.resblocks."}
 
 LR_SCHEDULES = ("warmup_cosine", "cosine_after_warmup")
 
@@ -102,6 +143,10 @@ class RetrievalModule(CLIPHooks, L.LightningModule):
         train_logit_scale: let CLIP's temperature train (full fine-tuning); it is clamped to ≤ ``max_logit_scale``.
         lr_schedule / warmup_ratio: the learning-rate shape (see `lr_factor`): ``warmup_cosine`` (CLIP4Clip's, the
             default of the methods built on it) or ``cosine_after_warmup`` (X-Pool's, VoP's lineage).
+        activation_checkpointing: recompute the blocks that need autograd in the backward pass instead of storing
+            their activations (less memory, about one more forward of time; same values and gradients).
+        compile: regional ``torch.compile`` of each block hook (`petl_bench.backbone.run_blocks`); same values within
+            floating-point reassociation.
     """
 
     def __init__(
@@ -121,6 +166,8 @@ class RetrievalModule(CLIPHooks, L.LightningModule):
         eps: float = 1e-6,
         train_logit_scale: bool = False,
         max_logit_scale: float = 100.0,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         if similarity not in SIMILARITY_HEADS:
@@ -134,6 +181,8 @@ class RetrievalModule(CLIPHooks, L.LightningModule):
         self.num_frames = num_frames
         self.max_words = max_words
         self.similarity_head = similarity
+        self.activation_checkpointing = activation_checkpointing
+        self.compile_blocks = compile
         # Frozen layers never change, so a checkpoint need not carry them; loading restores only what trains.
         self.strict_loading = False
 
@@ -159,6 +208,23 @@ class RetrievalModule(CLIPHooks, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.mark_trainable()
+
+    def grad_start(self, tower: str) -> int:
+        """The first block of ``tower`` with a trainable parameter, read from ``requires_grad``; blocks before it run
+        without autograd (`petl_bench.backbone.run_blocks`). A trainable tensor the backbone cannot place — anything a
+        method adds, which its hooks may use in any block — gives 0: every block with autograd. Tensors used before
+        the blocks (prompts, embeddings) need no rule: ``run_blocks`` sees that the tokens already carry a gradient."""
+        first = None
+        for name, param in self.named_parameters():
+            if not param.requires_grad or name.startswith(CLIP_OUTSIDE_BLOCKS):
+                continue
+            if not name.startswith(tuple(BLOCK_PREFIXES.values())):
+                return 0  # a method's own tensor: its hooks may use it anywhere
+            if name.startswith(BLOCK_PREFIXES[tower]):
+                index = int(name[len(BLOCK_PREFIXES[tower]):].split(".", 1)[0])
+                first = index if first is None else min(first, index)
+        blocks = self.clip.visual_blocks if tower == "visual" else self.clip.text_blocks
+        return len(blocks) if first is None else first
 
     # ------------------------------------------------------------------ encoders and heads
     def encode_video(self, video: torch.Tensor, video_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -194,6 +260,16 @@ class RetrievalModule(CLIPHooks, L.LightningModule):
         scale = self.logit_scale()
         logits = scale * self.similarity(text_emb, video_emb, video_mask)
         loss = symmetric_infonce(logits)
+        if not torch.isfinite(loss):
+            # stop before the optimizer spreads it into the weights; no checkpoint is written for this state
+            from petl_bench.resume import NonFiniteLossError
+
+            items = batch.get("index")
+            items = items.tolist() if torch.is_tensor(items) else items
+            raise NonFiniteLossError(
+                f"{type(self).__name__}: training loss is {loss.item()} at global step {self.global_step} "
+                f"(epoch {self.current_epoch}, batch {batch_idx}; dataset items {items}). "
+                "Lower the learning rate, check the inputs, or resume from the last checkpoint")
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["text"].shape[0])
         self.log("train/logit_scale", scale.detach(), batch_size=batch["text"].shape[0])
         self.log("train/global_batch", float(logits.shape[0]), batch_size=batch["text"].shape[0])
@@ -249,9 +325,18 @@ class RetrievalModule(CLIPHooks, L.LightningModule):
         keep = set(self.trainable_names())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["petl_bench"] = {"trainable_keys": sorted(keep), "backbone": self.hparams.backbone,
-                                    "pretrained": self.hparams.pretrained}
+                                    "pretrained": self.hparams.pretrained, "method": self.class_path(),
+                                    "num_frames": self.num_frames}
+
+    @classmethod
+    def class_path(cls) -> str:
+        return f"{cls.__module__}.{cls.__qualname__}"
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from petl_bench.checkpoint import check_identity
+
+        check_identity(checkpoint, {"method": self.class_path(), "backbone": self.hparams.backbone,
+                                    "num_frames": self.num_frames})
         keys = set(checkpoint["state_dict"])
         unknown = sorted(keys - set(self.state_dict()))
         if unknown:

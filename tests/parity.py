@@ -57,3 +57,19 @@ def register_model_config(model_name: str, model_cfg: dict) -> None:
 def section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The tensors under ``<prefix>.``, with the prefix removed."""
     return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def training_outputs(module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What `RetrievalModule.training_step` computes on a fixture's inputs, then the backward pass (the gradients stay
+    on the module's parameters): frame and text embeddings, similarity, logits and the symmetric InfoNCE loss."""
+    from petl_bench.module import symmetric_infonce
+
+    module.zero_grad(set_to_none=True)
+    frame_emb = module.encode_video(inputs["video"], inputs["video_mask"])
+    text_emb = module.encode_text(inputs["text"])
+    similarity = module.similarity(text_emb, frame_emb, inputs["video_mask"])
+    logits = module.logit_scale() * similarity
+    loss = symmetric_infonce(logits)
+    loss.backward()
+    return {"frame_emb": frame_emb.detach(), "text_emb": text_emb.detach(), "similarity": similarity.detach(),
+            "logits": logits.detach(), "loss": loss.detach()}

@@ -181,3 +181,53 @@ def test_a_clip_shorter_than_the_frame_count_is_padded_and_masked(tmp_path):
     item = train[0]  # the 3-frame training clip
     assert item["video_mask"].sum() == 3 and not item["video"][3:].any()
     assert isinstance(item["video"], torch.Tensor) and item["video"].dtype == torch.uint8
+
+
+# ------------------------------------------------------------------------------------------------ sizes and counts
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("num_frames", -3, "data.num_frames=-3: frames sampled per video must be a whole number >= 1"),
+    ("num_frames", 0, "data.num_frames=0: frames sampled per video must be a whole number >= 1"),
+    ("max_words", 0, "data.max_words=0: tokens per caption must be a whole number >= 3"),
+    ("max_words", -2, "data.max_words=-2: tokens per caption"),
+    ("batch_size", 0, "data.batch_size=0: .* must be a whole number >= 1"),
+    ("batch_size", -4, "data.batch_size=-4"),
+    ("eval_batch_size", 0, "data.eval_batch_size=0: must be a whole number >= 1, or null to evaluate with data"),
+])
+def test_impossible_frame_token_and_batch_counts_stop_before_any_work(tmp_path, key, value, message):
+    # before: num_frames<1 blamed the video ("re-download it") or, for a temporal method, failed building the model
+    # with "negative dimension" inside a parser error; max_words=0 ran at 77 tokens; eval_batch_size=0 fell back
+    root = msvd_folder(tmp_path, SIMPLE)
+    with pytest.raises(ValueError, match=message):
+        datamodule("msvd", root, **{key: value})
+    # the command refuses it before building anything: MV-Adapter sizes its temporal modules from num_frames
+    with pytest.raises(ValueError, match=message):
+        main(["test", *tiny_args("msvd", root, tmp_path / "out", method="mv_adapter"), f"--data.{key}={value}"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_smallest_usable_counts_are_accepted(tmp_path):
+    root = msvd_folder(tmp_path, SIMPLE)
+    dm = datamodule("msvd", root, num_frames=1, max_words=3, batch_size=1, eval_batch_size=None)
+    assert dm.tokenize("a cat").shape == (3,)  # exactly max_words tokens, not open_clip's default 77
+    dm.setup("test")
+    assert dm.test_dataloader()[0].batch_size == 1  # null eval_batch_size: batch_size
+
+
+def test_throughput_counts_the_samples_a_step_really_trains_on(tmp_path, synthetic_backbone, monkeypatch):
+    # 7 training videos x 3 captions = 21 pairs with batch_size 64: the record counted 2 steps x 64 nominal samples
+    # (3x too many); it must count the pairs the loader really handed to the model
+    from petl_bench.data.datamodule import PairDataset
+    from tests.test_datasets_e2e import build_msvd, run_record
+
+    loaded = []
+    original = PairDataset.__getitem__
+    monkeypatch.setattr(PairDataset, "__getitem__", lambda self, i: loaded.append(i) or original(self, i))
+    build_msvd(tmp_path / "msvd")
+    record = run_record("msvd", tmp_path / "msvd", tmp_path / "out", "--data.batch_size=64")
+    efficiency = record["efficiency"]
+    assert efficiency["train_steps"] == 2 and len(loaded) <= 2 * 64
+    # one process, a set smaller than a batch: one short batch per epoch, no pair repeated inside a contrastive batch
+    assert len(loaded) == 2 * 21 and len(set(loaded[:21])) == 21
+    assert efficiency["train_samples"] == len(loaded)  # num_workers=0: every item is loaded in this process
+    assert efficiency["train_samples_per_second"] == pytest.approx(len(loaded) / efficiency["train_seconds"],
+                                                                   rel=0.02)

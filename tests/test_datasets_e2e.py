@@ -73,9 +73,12 @@ def _clip_length(k: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ copies
-def build_msrvtt(root: Path, n_train: int = TRAIN, n_test: int = TEST) -> dict:
+def build_msrvtt(root: Path, n_train: int = TRAIN, n_test: int = TEST, n_val: int = VAL) -> dict:
     """The real split csv files (all 9,000 / 1,000 ids), an MSRVTT_data.json of the real format with two captions for
-    every train id, and videos for the first few ids only: the other listed videos are missing (skip policy)."""
+    every train id, and videos for the first few ids only (of the training list, of the 500 validation ids the shipped
+    config holds out of it, and of the test list): the other listed videos are missing (skip policy)."""
+    from petl_bench.data.protocol import holdout_ids
+
     source = shared("msrvtt")
     root.mkdir(parents=True, exist_ok=True)
     for path in source.glob("*.csv"):
@@ -89,9 +92,12 @@ def build_msrvtt(root: Path, n_train: int = TRAIN, n_test: int = TEST) -> dict:
     videos = [{"video_id": v, "category": 0, "url": "", "start time": 0.0, "end time": 10.0, "split": "train", "id": i}
               for i, v in enumerate(train)]
     (root / "MSRVTT_data.json").write_text(json.dumps({"info": {}, "videos": videos, "sentences": sentences}))
-    for k, video_id in enumerate(train[:n_train] + test[:n_test]):
+    held = holdout_ids(train, 500, seed=0)
+    rest = [v for v in train if v not in set(held)]
+    for k, video_id in enumerate(rest[:n_train] + held[:n_val] + test[:n_test]):
         write_clip(root / "videos" / f"{video_id}.mp4", _clip_length(k), seed=k)
-    return {"train": train[:n_train], "test": test[:n_test], "listed_train": len(train), "listed_test": len(test)}
+    return {"train": rest[:n_train], "val": held[:n_val], "test": test[:n_test], "listed_train": len(train),
+            "listed_test": len(test), "held_out": held}
 
 
 def build_msvd(root: Path, n_train: int = TRAIN, n_val: int = VAL, n_test: int = TEST) -> dict:
@@ -225,7 +231,11 @@ def test_msrvtt_real_split_files_fit_and_test(tmp_path, synthetic_backbone):
     data = record["data"]
     assert (data["train_split"], data["test_split"]) == ("train_9k", "test_1k")
     assert data["train_videos"] == TRAIN and data["train_captions"] == 2 * TRAIN
-    assert data["train_missing_videos"] == ids["listed_train"] - TRAIN == 8993
+    # validation: the shipped config holds 500 of the 9,000 training videos out (never the 1k-A test set)
+    assert data["val_split"] == "holdout" and data["val_holdout"]["ids"] == ids["held_out"]
+    assert data["val_videos"] == VAL and not set(ids["held_out"]) & set(ids["test"])
+    assert data["train_missing_videos"] == ids["listed_train"] - 500 - TRAIN == 8493
+    assert record["checkpoint_selection"]["tested"] == "last"  # limit_val_batches=0: nothing validated
     assert data["test_missing_videos"] == ids["listed_test"] - TEST == 995
     assert len(data["test_missing_video_ids"]) == 995 and ids["test"][0] not in data["test_missing_video_ids"]
     assert data["train_caption_sampling"] == "random_one"  # one caption per video per epoch, logged
@@ -254,8 +264,10 @@ def test_vatex_official_json_with_a_missing_video_fit_and_test(tmp_path, synthet
 
 def test_activitynet_paragraphs_either_file_naming_fit_and_test(tmp_path, synthetic_backbone):
     build_activitynet(tmp_path / "activitynet")
-    record = run_record("activitynet", tmp_path / "activitynet", tmp_path / "out")
+    # the shipped config holds 500 training videos out for validation; the tiny copy lists 7
+    record = run_record("activitynet", tmp_path / "activitynet", tmp_path / "out", "--data.val_holdout=2")
     check_metrics(record, videos=TEST, captions=TEST)  # one paragraph per video
+    assert (record["data"]["val_videos"], record["data"]["train_videos"]) == (2, TRAIN - 2)
     data = record["data"]
     assert (data["test_split"], data["max_words"], data["test_missing_videos"]) == ("val_1", 64, 0)
 

@@ -18,8 +18,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from petl_bench.metrics import (
     METRIC_NAMES,
+    RECALL_AT,
     RetrievalMetrics,
     dual_softmax,
+    postprocess,
     ranks_to_metrics,
     t2v_metrics,
     t2v_ranks,
@@ -219,6 +221,56 @@ def test_msvd_sized_matrix_matches_explicit_group_scores():
     assert set(v2t_metrics(sim, cap_to_vid, "any")) == set(METRIC_NAMES)
 
 
+def _torchmetrics_retrieval(preds: torch.Tensor, target: torch.Tensor, hit_rate: bool = False) -> dict[str, float]:
+    """R@K (%) and MRR of [queries x candidates] scores by torchmetrics: RetrievalRecall (RetrievalHitRate when a
+    query has several relevant candidates and any one counts) and RetrievalMRR."""
+    from torchmetrics.retrieval import RetrievalHitRate, RetrievalMRR, RetrievalRecall
+
+    indexes = torch.arange(preds.shape[0])[:, None].expand_as(preds).flatten()
+    preds, target = preds.flatten(), target.flatten()
+    recall = RetrievalHitRate if hit_rate else RetrievalRecall
+    out = {f"R@{k}": 100.0 * float(recall(top_k=k)(preds, target, indexes=indexes)) for k in RECALL_AT}
+    out["MRR"] = float(RetrievalMRR()(preds, target, indexes=indexes))
+    return out
+
+
+def _approx(expected: dict[str, float]):
+    return pytest.approx(expected, rel=1e-6, abs=1e-6)  # torchmetrics returns float32
+
+
+def _ours(ranks: torch.Tensor) -> dict[str, float]:
+    metrics = ranks_to_metrics(ranks)
+    return {**{f"R@{k}": metrics[f"R@{k}"] for k in RECALL_AT}, "MRR": float((1.0 / ranks.double()).mean())}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ranks_agree_with_torchmetrics_retrieval_on_tie_free_matrices(seed):
+    """The suite's rank functions against torchmetrics' retrieval metrics, where the tie rule cannot matter."""
+    generator = torch.Generator().manual_seed(seed)
+    num_videos, num_captions = 40, 97
+    cap_to_vid = torch.cat([torch.arange(num_videos), torch.randint(0, num_videos, (num_captions - num_videos,))])
+    cap_to_vid = cap_to_vid[torch.randperm(num_captions, generator=generator)]
+    # Positive scores: torchmetrics 1.9's reciprocal rank drops relevant candidates scored <= 0 (a cosine can be).
+    sim = 0.01 + torch.rand(num_captions, num_videos, generator=generator, dtype=torch.float64)
+    assert sim.unique().numel() == sim.numel()  # tie-free
+    relevant = cap_to_vid[:, None] == torch.arange(num_videos)[None, :]  # [captions x videos]
+
+    # T2V: one relevant video per caption.
+    assert _ours(t2v_ranks(sim, cap_to_vid)) == _approx(_torchmetrics_retrieval(sim, relevant))
+    # V2T "any": a video ranks all captions, and any of its captions is a hit.
+    assert _ours(v2t_ranks(sim, cap_to_vid, "any")) == _approx(
+        _torchmetrics_retrieval(sim.T, relevant.T, hit_rate=True)
+    )
+    # V2T "group": a video ranks the caption groups, each scored by its best caption.
+    groups = torch.full((num_videos, num_videos), -math.inf, dtype=sim.dtype)
+    groups.scatter_reduce_(1, cap_to_vid.expand(num_videos, -1), sim.T, reduce="amax")
+    assert _ours(v2t_ranks(sim, cap_to_vid, "group")) == _approx(
+        _torchmetrics_retrieval(groups, torch.eye(num_videos, dtype=torch.bool))
+    )
+    # ... and the check can fail: a rank off by one would show.
+    assert _ours(t2v_ranks(sim, cap_to_vid) + 1) != _approx(_torchmetrics_retrieval(sim, relevant))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # A tiny real retrieval model and data: swap these two for the real RetrievalModule / DataModule when they exist.
 # ---------------------------------------------------------------------------------------------------------------------
@@ -330,6 +382,9 @@ def reference_metrics(module: TinyRetrievalModule, data: TinyRetrievalData, call
         text_emb = module.text_proj(data.captions.text)
         sim = module.similarity(text_emb, video_emb, data.videos.mask)
     metrics = callback.compute(sim, data.captions.video_index)
+    for name in callback.postprocessing:  # bank-free ones (dsl) with their fixed parameters
+        t2v, v2t = postprocess(name, sim, callback.grids[name][0])
+        metrics.update({f"{name}/{k}": v for k, v in callback.compute(t2v, data.captions.video_index, v2t).items()})
     for name, indices in data.subsets.items():
         rows = torch.tensor(sorted(set(indices)))
         metrics.update(
@@ -364,14 +419,14 @@ def make_trainer(tmp_path: Path, callback: RetrievalMetrics, **kwargs) -> Traine
 def test_callback_validate_logs_every_key_and_writes_json(tmp_path):
     data = TinyRetrievalData(subsets={"order_pairs": [1, 4, 4, 9]})
     module = TinyRetrievalModule()
-    callback = RetrievalMetrics(v2t_protocol="both", chunk_size=3, video_chunk_size=4, report_dual_softmax=True)
+    callback = RetrievalMetrics(v2t_protocol="both", chunk_size=3, video_chunk_size=4, postprocessing=["dsl"])
     trainer = make_trainer(tmp_path, callback)
     trainer.validate(module, datamodule=data)
 
     expected = reference_metrics(module, data, callback)
     assert expected["num_videos"] == 7 and expected["num_captions"] == 11
     assert expected["order_pairs/num_captions"] == 3
-    for direction in ("t2v", "v2t", "v2t_any", "t2v_dsl", "v2t_dsl", "order_pairs/t2v"):
+    for direction in ("t2v", "v2t", "v2t_any", "dsl/t2v", "dsl/v2t", "dsl/v2t_any", "order_pairs/t2v"):
         for name in METRIC_NAMES:
             assert f"{direction}/{name}" in expected
     assert callback.last_metrics["val"] == pytest.approx(expected, abs=1e-9)

@@ -81,8 +81,8 @@ def test_checkpoint_holds_only_trainable_weights_and_restores_outputs(synthetic_
 
     restored = type(model).load_from_checkpoint(path).eval()
     model.eval()
-    batch = next(iter(dm.val_dataloader()[0]))
-    text = next(iter(dm.val_dataloader()[1]))["text"]
+    batch = next(iter(dm.test_dataloader()[0]))  # the synthetic set has no validation split
+    text = next(iter(dm.test_dataloader()[1]))["text"]
     with torch.no_grad():
         assert torch.equal(model.encode_video(batch["video"], batch["video_mask"]),
                            restored.encode_video(batch["video"], batch["video_mask"]))

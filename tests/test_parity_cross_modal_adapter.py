@@ -18,8 +18,7 @@ from torch import nn
 
 from petl_bench.backbone import attention_part, mlp_part
 from petl_bench.methods.cross_modal_adapter import CrossModalAdapter
-from petl_bench.module import symmetric_infonce
-from tests.parity import assert_rel_close, load_fixture, relative_error, section
+from tests.parity import assert_rel_close, load_fixture, relative_error, section, training_outputs
 
 FIXTURE = "cross_modal_adapter"
 MUTATION_MARGIN = 1e-3  # a mutation must move some output by 100x the parity tolerance
@@ -83,16 +82,7 @@ def build(fixture) -> tuple[CrossModalAdapter, dict[str, tuple[str, int]]]:
 
 def run(module: CrossModalAdapter, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What `training_step` computes, on the fixture's inputs, plus the gradients of the adapters."""
-    inputs = section(tensors, "input")
-    module.zero_grad(set_to_none=True)
-    frame_emb = module.encode_video(inputs["video"], inputs["video_mask"])
-    text_emb = module.encode_text(inputs["text"])
-    similarity = module.similarity(text_emb, frame_emb, inputs["video_mask"])
-    logits = module.logit_scale() * similarity
-    loss = symmetric_infonce(logits)
-    loss.backward()
-    return {"frame_emb": frame_emb.detach(), "text_emb": text_emb.detach(), "similarity": similarity.detach(),
-            "logits": logits.detach(), "loss": loss.detach()}
+    return training_outputs(module, section(tensors, "input"))
 
 
 def official_layout_grads(module: CrossModalAdapter, mapping, tensors) -> dict[str, torch.Tensor]:

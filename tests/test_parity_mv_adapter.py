@@ -20,8 +20,7 @@ from torch import nn
 
 from petl_bench.methods import build_method, mv_adapter, read_model_config
 from petl_bench.methods.mv_adapter import MVAdapter
-from petl_bench.module import symmetric_infonce
-from tests.parity import TOLERANCE, load_fixture, relative_error, section
+from tests.parity import TOLERANCE, load_fixture, relative_error, section, training_outputs
 
 # (suite config, fixture): the release's MSR-VTT config as shipped ("down out"), and the Down-In position the paper counts
 CASES = [("mv_adapter_release", "mv_adapter_release"), ("mv_adapter_release_down_in", "mv_adapter_release_down_in")]
@@ -125,21 +124,9 @@ def loaded(tensors: dict, meta: dict) -> MVAdapter:
 
 def parity_errors(module: MVAdapter, tensors: dict) -> dict[str, float]:
     """Relative error of each output and gradient of `module` against the official ones (training_step's loss)."""
-    inputs, out = section(tensors, "input"), section(tensors, "out")
-    module.zero_grad(set_to_none=True)
-    frame_emb = module.encode_video(inputs["video"], inputs["video_mask"])
-    text_emb = module.encode_text(inputs["text"])
-    similarity = module.similarity(text_emb, frame_emb, inputs["video_mask"])
-    logits = module.logit_scale() * similarity
-    loss = symmetric_infonce(logits)
-    loss.backward()
-    errors = {
-        "frame_emb": relative_error(frame_emb, out["frame_emb"]),
-        "text_emb": relative_error(text_emb, out["text_emb"]),
-        "similarity": relative_error(similarity, out["similarity"]),
-        "logits": relative_error(logits, out["logits"]),
-        "loss": relative_error(loss, out["loss"]),
-    }
+    ours, out = training_outputs(module, section(tensors, "input")), section(tensors, "out")
+    errors = {name: relative_error(ours[name], out[name])
+              for name in ("frame_emb", "text_emb", "similarity", "logits", "loss")}
     for official, grad in section(tensors, "grad").items():
         errors[f"grad {official}"] = relative_error(suite_grad(module, official), grad)
     return errors

@@ -36,10 +36,12 @@ def test_counts_listed_present_and_missing_videos_per_split(tmp_path, capsys):
 
 def test_the_real_msrvtt_lists_with_few_videos(tmp_path):
     build_msrvtt(tmp_path / "msrvtt")
-    code, report = prepare("msrvtt", "--root", str(tmp_path / "msrvtt"), report=tmp_path / "r.json")
+    code, report = prepare("msrvtt", "--root", str(tmp_path / "msrvtt"), "--missing-videos", "skip",
+                           report=tmp_path / "r.json")
     assert code == 0
     assert (report["splits"]["test_1k"]["listed"], report["splits"]["test_1k"]["present"]) == (1000, TEST)
-    assert (report["splits"]["train_9k"]["listed"], report["splits"]["train_9k"]["present"]) == (9000, TRAIN)
+    # prepare counts the whole 9k list: the training clips and the clips of the validation ids held out from it
+    assert (report["splits"]["train_9k"]["listed"], report["splits"]["train_9k"]["present"]) == (9000, TRAIN + VAL)
     assert report["splits"]["train_7k"]["listed"] == 7010
 
 
@@ -75,8 +77,30 @@ def test_a_missing_annotation_file_fails_only_for_splits_a_run_needs(tmp_path, c
 
     build_msrvtt(tmp_path / "msrvtt", n_train=1, n_test=1)
     (tmp_path / "msrvtt/MSRVTT_train.7k.csv").unlink()  # the optional 7k list: reported, not an error
-    code, report = prepare("msrvtt", "--root", str(tmp_path / "msrvtt"), report=tmp_path / "r.json")
+    code, report = prepare("msrvtt", "--root", str(tmp_path / "msrvtt"), "--missing-videos", "skip",
+                           report=tmp_path / "r.json")
     assert code == 0 and "MSRVTT_train.7k.csv" in report["unavailable_splits"]["train_7k"]
+
+
+def test_the_verdict_follows_the_missing_videos_policy_of_the_dataset_config(tmp_path, capsys):
+    # configs/data/msrvtt.yaml sets missing_videos: error, so a run stops on the first missing video: so does prepare
+    build_msrvtt(tmp_path / "msrvtt")
+    code, report = prepare("msrvtt", "--root", str(tmp_path / "msrvtt"), report=tmp_path / "r.json")
+    assert code == 1 and report["missing_videos"] == "error" and not report["ok"]
+    assert [e.split(":")[0] for e in report["errors"]] == ["train_9k", "test_1k"]  # the splits a run reads
+    assert "995 listed videos are missing and a run with data.missing_videos=error" in report["errors"][1]
+    err = capsys.readouterr().err
+    assert "--data.missing_videos=skip" in err and "ok: a run can use this folder" not in err
+    code, report = prepare("msrvtt", "--root", str(tmp_path / "msrvtt"), "--missing-videos", "skip",
+                           report=tmp_path / "r.json")
+    assert code == 0 and report["ok"] and report["missing_videos"] == "skip"
+    assert "ok: a run can use this folder (missing videos are skipped and counted" in capsys.readouterr().err
+    # a config whose policy is skip (VATEX: YouTube sources disappear) passes with missing videos, unless told error
+    build_vatex(tmp_path / "vatex", absent=2)
+    assert prepare("vatex", "--root", str(tmp_path / "vatex"), report=tmp_path / "v.json")[0] == 0
+    code, report = prepare("vatex", "--root", str(tmp_path / "vatex"), "--missing-videos", "error",
+                           report=tmp_path / "v.json")
+    assert code == 1 and report["errors"][0].startswith("test: 2 listed videos are missing")
 
 
 def test_options_and_bad_arguments(tmp_path, capsys):

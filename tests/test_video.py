@@ -185,6 +185,143 @@ def test_resize_center_crop_matches_torch_bicubic_antialias():
     assert torch.equal(resize_center_crop(image[..., :40], 40), image[..., :40])  # already square: untouched
 
 
+# ------------------------------------------------------------------------------------- rotation and pixel shape
+def staircase_clip(path: Path, width: int, height: int, rotation: int = 0, sar=None, rotate_tag: str | None = None,
+                   container: str = "mp4", num_frames: int = 3) -> torch.Tensor:
+    """A clip of 10 vertical colour bands (a staircase across the stored width), as phone footage stores it: the
+    pixels sideways and a display rotation (``rotation``, counter-clockwise degrees, in the display matrix) or a
+    ``rotate`` tag; or with non-square pixels (``sar``). Returns the stored frames as uint8 ``(T, 3, H, W)``."""
+    import av
+
+    band = np.minimum(np.arange(width) * 10 // width, 9)
+    frames = np.empty((num_frames, height, width, 3), np.uint8)
+    frames[..., 0] = (20 + 23 * band)[None, None, :]
+    frames[..., 1] = (230 - 23 * band)[None, None, :]
+    frames[..., 2] = 128
+    with av.open(str(path), mode="w", format=container) as out:
+        stream = out.add_stream("libx264", rate=8)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"qp": "16", "preset": "ultrafast"}
+        if sar is not None:
+            stream.codec_context.sample_aspect_ratio = sar
+        if rotation:
+            stream.set_display_rotation(rotation)
+        if rotate_tag is not None:
+            stream.metadata["rotate"] = rotate_tag
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode(None))
+    return torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()
+
+
+def shown(stored: torch.Tensor, rotation: int = 0, sar: float = 1.0) -> torch.Tensor:
+    """The frames as a player shows them: stored width stretched by the sample aspect ratio, then turned
+    counter-clockwise by ``rotation`` degrees."""
+    if sar != 1.0:
+        height, width = stored.shape[-2:]
+        stored = F.interpolate(stored, size=(height, round(width * sar)), mode="bicubic", antialias=True)
+    return torch.rot90(stored, rotation // 90 % 4, dims=(2, 3)).contiguous()
+
+
+def mean_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().mean().item()
+
+
+# 160x96 stored: 32 px takes decord's shrink path (short side 96 > 2 x 32), 64 px the native one
+@pytest.mark.parametrize("image_size", [32, 64])
+@pytest.mark.parametrize("rotation", [90, -90, 180])
+def test_a_rotated_clip_is_decoded_upright_at_its_shown_shape(tmp_path, rotation, image_size):
+    stored = staircase_clip(tmp_path / "phone.mp4", 160, 96, rotation=rotation)
+    upright = shown(stored, rotation)
+    decoded = decode_frames(tmp_path / "phone.mp4", [0, 1], image_size)
+    expected = resize_center_crop(upright, image_size)[:2]
+    assert decoded.shape == expected.shape == (2, 3, image_size, image_size)
+    assert mean_difference(decoded, expected) < 6.0
+    # the wrong decodes are far: unrotated, the other way round, or upright but squeezed into the stored shape
+    # (what a decode size from the unrotated dimensions gives)
+    assert mean_difference(decoded, resize_center_crop(stored, image_size)[:2]) > 25
+    assert mean_difference(decoded, resize_center_crop(shown(stored, rotation + 180), image_size)[:2]) > 40
+    if rotation % 180:
+        squeezed = F.interpolate(upright, size=tuple(stored.shape[-2:]), mode="bicubic", antialias=True)
+        assert mean_difference(decoded, resize_center_crop(squeezed, image_size)[:2]) > 10
+    info = probe_video(tmp_path / "phone.mp4")
+    assert (info.width, info.height) == ((96, 160) if rotation % 180 else (160, 96))
+    assert info.rotation == (-rotation) % 360  # clockwise, as decord applies it
+    assert VideoSource(tmp_path / "phone.mp4", None).read([0]).shape == (1, 3, info.height, info.width)
+
+
+def test_a_rotate_tag_turns_the_frames_as_decord_does(tmp_path):
+    # a Matroska ROTATE tag (old ffmpeg `-metadata:s:v rotate=90`): decord turns the frames clockwise; so must the
+    # decode size
+    stored = staircase_clip(tmp_path / "tagged.mkv", 160, 96, rotate_tag="90", container="matroska")
+    decoded = decode_frames(tmp_path / "tagged.mkv", [0], 32)
+    assert mean_difference(decoded, resize_center_crop(shown(stored, -90), 32)[:1]) < 6.0
+    assert probe_video(tmp_path / "tagged.mkv").rotation == 90
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+@pytest.mark.parametrize("rotation", [0, 90])
+def test_non_square_pixels_are_resized_at_their_shown_shape(tmp_path, rotation, image_size):
+    from fractions import Fraction
+
+    # 80x96 stored with pixels twice as wide as high: shown 160x96 (96x160 turned)
+    stored = staircase_clip(tmp_path / "anamorphic.mp4", 80, 96, rotation=rotation, sar=Fraction(2, 1))
+    info = probe_video(tmp_path / "anamorphic.mp4")
+    assert info.sample_aspect_ratio == 2.0
+    assert info.display_size == ((96.0, 160.0) if rotation else (160.0, 96.0))
+    decoded = decode_frames(tmp_path / "anamorphic.mp4", [0], image_size)
+    expected = resize_center_crop(shown(stored, rotation, sar=2.0), image_size)[:1]
+    assert mean_difference(decoded, expected) < 6.0
+    assert mean_difference(decoded, resize_center_crop(shown(stored, rotation), image_size)[:1]) > 10
+
+
+def test_the_frame_cache_stores_rotated_clips_upright(tmp_path):
+    from petl_bench.data.frame_cache import CacheSampling, FrameCache
+    from petl_bench.data.video import read_sampled
+
+    stored = staircase_clip(tmp_path / "phone.mp4", 160, 96, rotation=90, num_frames=4)
+    cache = FrameCache.create(tmp_path / "cache", "msvd", 32, CacheSampling(num_frames=2, frames_per_segment=1))
+    entry = cache.add("phone", tmp_path / "phone.mp4")
+    cached = FrameCache.open(tmp_path / "cache", "msvd", 32).read(entry, 2)
+    direct = read_sampled(VideoSource(tmp_path / "phone.mp4", 32), 2)
+    assert torch.equal(cached, direct)  # the very pixels decoding gives
+    expected = resize_center_crop(shown(stored, 90), 32)[:2]
+    assert mean_difference(cached, expected) < 6.0
+    assert mean_difference(cached, resize_center_crop(stored, 32)[:2]) > 25
+    # a cache built before rotation was respected holds squeezed frames: refused, saying why and what to do
+    import json
+
+    from petl_bench.data.frame_cache import FrameCacheError
+
+    manifest = tmp_path / "cache/manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "version": 1}))
+    with pytest.raises(FrameCacheError, match=r"version 1 stored rotated .* rebuild the cache into a new folder"):
+        FrameCache.open(tmp_path / "cache", "msvd", 32)
+
+
+@pytest.mark.parametrize(("codec", "container", "size", "num_frames"), [
+    ("libvpx-vp9", "webm", 32, 4),  # a VP9 webm, as YouTube downloads often are
+    ("libx264", "mp4", 32, 1),  # a single frame: padded and masked
+    ("libx264", "mp4", 2, 3),  # 2x2: decord fails at widths 2, 3 and 4 (dmlc/decord#336); read 5 wide
+])
+def test_unusual_but_valid_videos_decode(tmp_path, codec, container, size, num_frames):
+    import av
+
+    path = tmp_path / f"clip.{container}"
+    with av.open(str(path), mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=8)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for t in range(num_frames):
+            frame = np.full((size, size, 3), 20 + 12 * t, np.uint8)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode(None))
+    frames, mask = load_video(path, max_frames=4, image_size=16)
+    assert frames.shape == (4, 3, 16, 16) and mask.tolist() == [t < num_frames for t in range(4)]
+    assert frame_numbers(frames[:num_frames]) == list(range(num_frames))
+
+
 # ---------------------------------------------------------------------------------------------------------- errors
 def test_missing_file_names_the_path(tmp_path):
     missing = tmp_path / "nope.mp4"
@@ -201,6 +338,14 @@ def test_truncated_file_is_a_decode_error(tmp_path):
     with pytest.raises(VideoDecodeError, match="re-download") as err:
         load_video(truncated, 4, 32)
     assert str(truncated) in str(err.value)
+
+
+def test_an_empty_file_is_rejected(tmp_path):
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(VideoDecodeError, match="not a readable video") as err:
+        load_video(empty, 4, 32)
+    assert str(empty) in str(err.value)
 
 
 def test_a_file_that_is_not_a_video_is_rejected(tmp_path):

@@ -7,7 +7,7 @@ Lightning, so the sweep driver and the report stay quick to start.
 from __future__ import annotations
 
 # Keys of a run's W&B summary besides the test metrics (``test/<metric>``, e.g. ``test/t2v/R@1``).
-PARAMS_KEYS = ("params/trainable", "params/total", "params/trainable_percent")
+PARAMS_KEYS = ("params/trainable", "params/total", "params/clip", "params/trainable_percent")
 EFFICIENCY_KEYS = ("efficiency/train_seconds", "efficiency/train_steps", "efficiency/train_samples_per_second",
                    "efficiency/checkpoint_bytes", "efficiency/peak_host_rss_mb", "efficiency/peak_gpu_allocated_mb")
 # The metrics the report and the dashboard show, as (column title, record key, higher is better).
@@ -15,6 +15,38 @@ REPORT_METRICS = (("T2V R@1", "t2v/R@1", True), ("T2V R@5", "t2v/R@5", True), ("
                   ("T2V MdR", "t2v/MdR", False), ("V2T R@1", "v2t/R@1", True), ("V2T R@5", "v2t/R@5", True),
                   ("V2T R@10", "v2t/R@10", True), ("V2T MdR", "v2t/MdR", False),
                   ("order-pair acc", "order_pairs/accuracy", True))
+# Post-processed numbers (petl_bench.metrics: DSL, QB-Norm, Sinkhorn), shown beside the plain ones and only when a run
+# recorded them; never the headline.
+POSTPROCESSING_LABELS = {"dsl": "DSL", "qb_norm": "QB-Norm", "sinkhorn": "Sinkhorn"}
+POSTPROCESSED_METRICS = tuple((f"{direction} R@1 ({label})", f"{name}/{direction.lower()}/R@1", True)
+                              for name, label in POSTPROCESSING_LABELS.items() for direction in ("T2V", "V2T"))
+
+
+# One denominator for every method's trainable share (issue 15): CLIP's own parameters, as open_clip builds the
+# backbone, without anything a method adds (151,277,313 for ViT-B/32, 149,620,737 for ViT-B/16). Dividing by the
+# method's total instead would give each method its own denominator.
+PARAMETER_COUNT_RULE = ("trainable % = trainable parameters (every tensor with requires_grad, a method's additions "
+                        "included) / CLIP's own parameters (the open_clip backbone as built, without any method's "
+                        "additions: 151,277,313 for ViT-B/32, 149,620,737 for ViT-B/16), the same denominator for "
+                        "every method on a backbone")
+
+
+def parameter_share(model, counts: dict) -> dict:
+    """``{"trainable_percent", "params_denominator", "params_count_rule"}`` of a run: the trainable share against
+    CLIP's own parameter count (``model.clip.model``), added to ``counts`` as ``counts["clip"]``."""
+    clip = sum(p.numel() for p in model.clip.model.parameters())
+    counts["clip"] = clip
+    return {"trainable_percent": 100.0 * counts["trainable"] / clip, "params_denominator": "clip",
+            "params_count_rule": PARAMETER_COUNT_RULE}
+
+
+def trainable_percent(record: dict) -> float | None:
+    """A record's trainable share against CLIP's parameters; None for a record that lacks CLIP's count (written
+    before the rule: its ``trainable_percent`` divided by the method's own total)."""
+    params = record.get("params") or {}
+    if params.get("clip"):
+        return 100.0 * params["trainable"] / params["clip"]
+    return None
 
 
 def summary_from_record(record: dict) -> dict:
@@ -23,7 +55,8 @@ def summary_from_record(record: dict) -> dict:
     params = record.get("params") or {}
     out["params/trainable"] = params.get("trainable")
     out["params/total"] = params.get("total")
-    out["params/trainable_percent"] = record.get("trainable_percent")
+    out["params/clip"] = params.get("clip")
+    out["params/trainable_percent"] = trainable_percent(record)
     for key, value in (record.get("efficiency") or {}).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[f"efficiency/{key}"] = value
@@ -44,5 +77,5 @@ def result_row(record: dict) -> list:
     params = record.get("params") or {}
     return [record.get("label") or record.get("method"), record.get("method"), record.get("dataset"),
             record.get("backbone"), record.get("seed"), params.get("trainable"), params.get("total"),
-            record.get("trainable_percent"), *[metrics.get(key) for _, key, _ in REPORT_METRICS],
+            trainable_percent(record), *[metrics.get(key) for _, key, _ in REPORT_METRICS],
             eff.get("train_seconds"), (eff.get("checkpoint_bytes") or 0) / 1e6]

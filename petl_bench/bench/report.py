@@ -25,7 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from petl_bench.bench.records import REPORT_METRICS
+from petl_bench.bench.protocol_report import manifest_section, paper_section, selection_section
+from petl_bench.bench.records import PARAMETER_COUNT_RULE, POSTPROCESSED_METRICS, REPORT_METRICS, trainable_percent
 
 PLOT_FILES = ("r1_vs_trainable.png", "r1_per_method.png")
 
@@ -127,6 +128,10 @@ class Row:
 
     @property
     def trainable_percent(self) -> float:
+        # against CLIP's own parameters (PARAMETER_COUNT_RULE); a record written before the rule keeps its own value
+        share = trainable_percent(self.records[0])
+        if share is not None:
+            return share
         return float(self.records[0].get("trainable_percent", 100.0 * self.trainable / max(self.total, 1)))
 
     def efficiency(self, key: str) -> Stat | None:
@@ -242,7 +247,17 @@ def metric_table(rows: Sequence[Row], columns: Sequence[tuple[str, str, bool]]) 
 
 
 def _present_columns(records: Sequence[dict]) -> list[tuple[str, str, bool]]:
-    return [c for c in REPORT_METRICS if any(metric(r, c[1]) is not None for r in records)]
+    """Plain metric columns, then post-processed ones (labelled, e.g. "T2V R@1 (DSL)") only where a run has them."""
+    return [c for c in (*REPORT_METRICS, *POSTPROCESSED_METRICS) if any(metric(r, c[1]) is not None for r in records)]
+
+
+def _postprocessing_legend(columns: Sequence[tuple[str, str, bool]]) -> list[str]:
+    if not any(c in POSTPROCESSED_METRICS for c in columns):
+        return []
+    return [("Columns marked (DSL), (QB-Norm) or (Sinkhorn) re-score the same similarity matrix with that inference-time "
+             "post-processing (dual softmax; querybank normalisation and Sinkhorn with a bank of training queries); "
+             "their parameters were fixed in the config or chosen on validation, never on test. The unmarked columns "
+             "are the headline."), ""]
 
 
 # ---------------------------------------------------------------------------------------------------------- plots
@@ -337,13 +352,14 @@ def write_report(results_dir: Path, out_dir: Path | None = None, plots: bool = T
             lines += [(f"Mean ± sample std over seeds ({'/'.join(map(str, seeds))} per row). **Bold**: best in the "
                        "column; ≈: within the seed spread of the best (|Δ| ≤ the larger std), not a reliable "
                        "difference."), ""]
-        table, notes = metric_table(rows, _present_columns(records))
-        lines += [*table, ""]
+        columns = _present_columns(records)
+        table, notes = metric_table(rows, columns)
+        lines += [*table, "", *_postprocessing_legend(columns)]
         lines += [("R@K in %, MdR = median rank (lower is better); order-pair acc = % of captions that score their "
                    "own clip strictly above its time-reversed twin (synthetic only; a tie is a miss, so a model blind to "
                    "order, whose twins tie, scores well below 50). Ties rank pessimistically everywhere: an order-blind "
-                   "model cannot win R@1 on the order pairs. Trainable % of all "
-                   "parameters; ckpt = trainable-only checkpoint; train s = wall time of fit."), ""]
+                   "model cannot win R@1 on the order pairs. ckpt = trainable-only checkpoint; train s = wall time "
+                   "of fit."), "", f"Parameter count rule: {PARAMETER_COUNT_RULE}.", ""]
         if notes:
             lines += ["Differences smaller than the seed spread:", "", *[f"- {n}" for n in notes], ""]
         method_notes = _method_notes({r.get("method") for r in records})
@@ -354,6 +370,11 @@ def write_report(results_dir: Path, out_dir: Path | None = None, plots: bool = T
             plot_r1_per_method(rows, out_dir / PLOT_FILES[1], f"{name}: R@1 per method")
             lines += [f"![R@1 vs trainable parameters]({PLOT_FILES[0]})", "",
                       f"![T2V and V2T R@1 per method]({PLOT_FILES[1]})", ""]
+    if records:  # issue 15: the papers' numbers (real datasets), the tested weights, the data manifest
+        if not any((r.get("data") or {}).get("dataset") == "synthetic" for r in records):
+            lines += paper_section(rows, name, human_count)
+        lines += selection_section(rows)
+        lines += manifest_section(records)
     if failures:
         lines += ["## Failed runs", "", "| run | reason | last line of stderr |", "|---|---|---|"]
         for f in failures:

@@ -13,15 +13,24 @@ sweeps skip it unless told to redo it. The same record goes into the run's W&B s
 from __future__ import annotations
 
 import argparse
+import errno
 import platform
 import resource
+import shutil
+import signal
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from petl_bench.atomic import write_json_atomic
+from petl_bench.bench.records import parameter_share
+from petl_bench.resume import RunCheckpoint, RunStopped, install_stop_signals
+from petl_bench.selection import select_tested_weights
 
 __all__ = ["RunResult", "bench_command", "execute_run", "run_command"]
 
@@ -31,6 +40,15 @@ def _peak_memory_mb() -> dict:
     if torch.cuda.is_available():
         out["peak_gpu_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
+
+
+class _SampleCounter(Callback):
+    """Counts the training samples this process saw (each batch at its real size), for the recorded throughput."""
+
+    samples = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.samples += len(batch["text"])
 
 
 @dataclass
@@ -46,9 +64,9 @@ class RunResult:
         """The live W&B run of the first W&B logger (None without one, or once closed)."""
         return self.wandb_loggers[0].active_run if self.wandb_loggers else None
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         for logger in self.wandb_loggers:
-            logger.finish()
+            logger.finish(exit_code=exit_code)
 
 
 def _bind_loggers(trainer, method: str, label: str, dataset: str, backbone: str, seed) -> list:
@@ -70,11 +88,69 @@ def _bind_loggers(trainer, method: str, label: str, dataset: str, backbone: str,
                                     "backbone": backbone, "seed": seed})
             wandb_loggers.append(logger)
         elif isinstance(logger, CSVLogger):
-            logger = CSVLogger(save_dir=root, name="csv", version=0)
+            # the next free version: a resumed (or redone) run adds csv/version_<k+1> beside the earlier log
+            logger = CSVLogger(save_dir=root, name="csv")
         loggers.append(logger)
     # W&B first: Trainer.log_dir (where RetrievalMetrics writes test_metrics.json) is then the run's root itself
     trainer.loggers = sorted(loggers, key=lambda lg: not isinstance(lg, BenchWandbLogger))
     return wandb_loggers
+
+
+def _run_checkpoint(trainer, every_n_steps: int | None) -> RunCheckpoint:
+    """The run's `RunCheckpoint` (added when the trainer config has none), bound to its ``default_root_dir``."""
+    run_ckpt = next((cb for cb in trainer.callbacks if isinstance(cb, RunCheckpoint)), None)
+    if run_ckpt is None:
+        run_ckpt = RunCheckpoint()
+        trainer.callbacks.append(run_ckpt)
+    run_ckpt.bind(trainer.default_root_dir)
+    if every_n_steps is not None:
+        if every_n_steps < 1:
+            raise ValueError(f"--checkpoint_every must be >= 1, got {every_n_steps}")
+        run_ckpt._every_n_train_steps = every_n_steps
+    return run_ckpt
+
+
+def _resume_path(trainer, run_ckpt: RunCheckpoint) -> Path | None:
+    """The newest of ``last.ckpt`` and the ``hpc_ckpt_*.ckpt`` that Lightning's SLURM auto-requeue saves on SIGUSR1."""
+    candidates = [run_ckpt.last_path, *Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")]
+    candidates = [c for c in candidates if c.is_file()]
+    return max(candidates, key=lambda c: c.stat().st_mtime_ns) if candidates else None
+
+
+def _resumed_steps(resume: Path | None) -> int:
+    if resume is None:
+        return 0
+    from petl_bench.checkpoint import read_checkpoint
+
+    return int(read_checkpoint(resume, weights_only=False, mmap=True).get("global_step", 0))
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".petl-write-check."):
+            pass
+    except OSError as err:
+        raise OSError(err.errno, f"{what} {folder} is not writable ({err.strerror}); fix it before training: "
+                                 "the run would be lost at its end") from err
+
+
+def check_outputs(trainer, model, result: str | None) -> None:
+    """Before any work: the run folder and the result's folder are writable, and the run folder's disk holds the
+    checkpoints (last.ckpt while writing its successor, plus trainable.ckpt: 3 x trainable weights and Adam's two
+    moments) with 64 MiB to spare."""
+    root = Path(trainer.default_root_dir)
+    _check_writable(root, "the run folder (trainer.default_root_dir)")
+    if result:
+        _check_writable(Path(result).resolve().parent, "the results folder")
+    params = [p for p in model.parameters() if p.requires_grad]
+    ckpt = sum(p.numel() * p.element_size() for p in params) * 3
+    need = 3 * ckpt + 64 * 2**20
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{root} has {free / 2**20:.0f} MiB free; this run's checkpoints need about "
+                                    f"{need / 2**20:.0f} MiB (checkpoint ~{ckpt / 2**20:.0f} MiB). Free space or "
+                                    "point --trainer.default_root_dir elsewhere")
 
 
 def execute_run(argv: list[str]) -> RunResult:
@@ -82,6 +158,8 @@ def execute_run(argv: list[str]) -> RunResult:
 
     ``argv``: ``[--result FILE] [--method NAME] [--label NAME] [--dataset NAME] <LightningCLI args>``.
     """
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from petl_bench.bench.wandb_logging import publish_record
     from petl_bench.cli import make_cli
     from petl_bench.metrics import RetrievalMetrics
@@ -93,6 +171,9 @@ def execute_run(argv: list[str]) -> RunResult:
     p.add_argument("--dataset", default=None,
                    help="the benchmark's name for this data: the record's dataset and the W&B group (default: "
                         "data.dataset; sweeps pass their dataset, e.g. msrvtt_7k for the 7k-train MSR-VTT config)")
+    p.add_argument("--checkpoint_every", type=int, default=None,
+                   help="steps between resumable checkpoints (<run>/checkpoints/last.ckpt; default: the trainer "
+                        "config's RunCheckpoint, 50)")
     a, rest = p.parse_known_args(argv)
     cli = make_cli(rest, run=False)
     model, dm, trainer = cli.model, cli.datamodule, cli.trainer
@@ -101,29 +182,53 @@ def execute_run(argv: list[str]) -> RunResult:
     label = a.label or method
     seed = cli.config.get("seed_everything")
     dataset = a.dataset or dm.hparams.dataset
-    wandb_loggers = _bind_loggers(trainer, method, label, dataset, model.hparams.backbone, seed)
     counts = model.parameter_counts()
+    run_ckpt = _run_checkpoint(trainer, a.checkpoint_every)
+    resume = _resume_path(trainer, run_ckpt) if counts["trainable"] > 0 else None
+    check_outputs(trainer, model, a.result)  # fail before any work, not after it
+    wandb_loggers = _bind_loggers(trainer, method, label, dataset, model.hparams.backbone, seed)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
     record: dict = {"method": method, "label": label, "dataset": dataset,
                     "backbone": model.hparams.backbone, "pretrained": model.hparams.pretrained,
                     "open_clip_model": model.clip.open_clip_model, "quick_gelu": model.clip.quick_gelu, "seed": seed,
-                    "params": counts, "trainable_percent": 100.0 * counts["trainable"] / counts["total"]}
+                    "params": counts, **parameter_share(model, counts)}
     train_seconds, ckpt_bytes, samples = 0.0, 0, 0
     if counts["trainable"] > 0:
+        record["resumed_steps"] = _resumed_steps(resume)
+        if resume is not None:
+            print(f"resuming from {resume} (step {record['resumed_steps']})")
+            record["resumed_from"] = str(resume)
+        install_stop_signals(trainer)
+        sample_counter = _SampleCounter()
+        trainer.callbacks.append(sample_counter)
         start = time.perf_counter()
-        trainer.fit(model, datamodule=dm)
+        try:
+            trainer.fit(model, datamodule=dm, ckpt_path=resume)
+        except SIGTERMException as stop:
+            signum = getattr(trainer, "_stop_signal", signal.SIGTERM)
+            raise RunStopped(signum, run_ckpt.saved_on_stop, wandb_loggers) from stop
         train_seconds = time.perf_counter() - start
-        samples = trainer.global_step * dm.hparams.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        # samples actually trained on: a batch smaller than batch_size (a training set smaller than one batch) counts
+        # as its size; DDP shards are padded to equal length, so every process saw as many as this one
+        samples = sample_counter.samples * trainer.world_size
+        # the weights tested: the best validation epoch's when there is a validation split (never the test split)
+        record["checkpoint_selection"] = select_tested_weights(trainer, model)
         ckpt = Path(trainer.default_root_dir) / "checkpoints" / "trainable.ckpt"
         trainer.save_checkpoint(ckpt)
         ckpt_bytes = ckpt.stat().st_size if ckpt.exists() else 0
-    trainer.test(model, datamodule=dm)
+    try:
+        trainer.test(model, datamodule=dm)
+    except SIGTERMException as stop:
+        raise RunStopped(getattr(trainer, "_stop_signal", signal.SIGTERM), None, wandb_loggers) from stop
     record.update({
         "data": dm.summary(),
+        "checkpoint_selection": record.get("checkpoint_selection") or select_tested_weights(trainer, model, False),
+        "manifest": dm.manifest(),
         "metrics": metrics_cb.last_metrics.get("test", {}),
         "efficiency": {"train_seconds": round(train_seconds, 2), "train_steps": trainer.global_step,
+                       "train_samples": samples,
                        "train_samples_per_second": round(samples / train_seconds, 2) if train_seconds else None,
                        "checkpoint_bytes": ckpt_bytes, **_peak_memory_mb()},
         "environment": {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
@@ -137,6 +242,9 @@ def execute_run(argv: list[str]) -> RunResult:
         if a.result:
             write_json_atomic(Path(a.result), record)
             print(f"wrote {a.result}")
+        write_json_atomic(Path(trainer.default_root_dir) / "manifest.json", record["manifest"])
+        # finished and recorded: the resumable checkpoint has done its job (trainable.ckpt stays)
+        run_ckpt.last_path.unlink(missing_ok=True)
     return RunResult(record, trainer, wandb_loggers)
 
 
@@ -146,7 +254,14 @@ def run_command(argv: list[str]) -> int:
         argv = _sweep_point_args(argv)
         if argv is None:
             return 0
-    result = execute_run(argv)
+    try:
+        result = execute_run(argv)
+    except RunStopped as stop:
+        # not finished: no record, W&B closed as failed; the exit status says which signal (128 + n)
+        for logger in stop.loggers:
+            logger.finish(exit_code=stop.exit_code)
+        print(f"petl-bench run: {stop}", file=sys.stderr)
+        return stop.exit_code
     result.close()
     return 0
 
@@ -210,7 +325,7 @@ def _plain(config) -> dict:
 # ---------------------------------------------------------------------- make bench
 def bench_command(argv: list[str]) -> int:
     """``petl-bench bench [--dataset D] [--seeds N] [--methods ...]``: the sweep experiments/<D>.yaml for one dataset."""
-    from petl_bench.bench.sweep import SweepSpec, add_execution_args, bench_spec_path, run_sweep
+    from petl_bench.bench.sweep import SweepSpec, add_execution_args, bench_spec_path, run_sweep, slurm_options
 
     p = argparse.ArgumentParser(prog="petl-bench bench", allow_abbrev=False,
                                 description="Fit and test every method of experiments/<dataset>.yaml on that dataset "
@@ -226,4 +341,5 @@ def bench_command(argv: list[str]) -> int:
     spec = SweepSpec.load(bench_spec_path(a.dataset))
     datasets = [a.dataset] if a.dataset in spec.datasets else None
     spec = spec.narrowed(datasets, a.methods or None, range(a.seeds))
-    return run_sweep(spec, a.results, parallel=a.parallel, force=a.force, dry_run=a.dry_run, report=not a.no_report)
+    return run_sweep(spec, a.results, parallel=a.parallel, force=a.force, dry_run=a.dry_run, report=not a.no_report,
+                     launcher=a.launcher, slurm=slurm_options(a))

@@ -63,6 +63,35 @@ class SweepSpecError(ValueError):
     """A sweep file that cannot be expanded; the message names the file and the key."""
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """SIGTERM / SIGINT / SIGHUP to the sweep: its runs are stopped (they save a checkpoint) and it exits 128 + n."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(f"signal {signum}")
+        self.signum = int(signum)
+
+
+STOP_GRACE_SECONDS = 60  # a stopped run saves its checkpoint first; SIGKILL only after this
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """In the main thread: SIGTERM and SIGHUP raise `SweepInterrupted` like Ctrl-C does (previous handlers restored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise SweepInterrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 # ---------------------------------------------------------------------------------------------------------- values
 def format_value(value: Any) -> str:
     """A YAML value as LightningCLI reads it back from ``--key=value`` (jsonargparse parses the text as YAML)."""
@@ -424,6 +453,12 @@ class SweepRunner:
         return [r for r in self.runs if self.force or not r.result.exists()]
 
     def _execute(self, run: Run, env_extra: dict[str, str]) -> RunOutcome:
+        try:
+            return self._execute_run(run, env_extra)
+        except Exception as error:  # noqa: BLE001 - e.g. a full disk while opening the logs: the sweep goes on
+            return RunOutcome(run, "failed", 0.0, None, f"could not run: {type(error).__name__}: {error}")
+
+    def _execute_run(self, run: Run, env_extra: dict[str, str]) -> RunOutcome:
         from petl_bench.atomic import write_json_atomic
 
         def stamp():  # a forced redo must write the record anew, not leave the old one standing
@@ -462,25 +497,30 @@ class SweepRunner:
         if returncode < 0:
             reason = f"killed by signal {signal.Signals(-returncode).name}"
         tail = _tail(run.run_dir / "stderr.log")
-        write_json_atomic(run.failed, {
+        failure = {
             "name": run.name, "label": run.label, "dataset": run.dataset, "method": run.method,
             "backbone": run.backbone, "seed": run.seed, "grid": dict(run.grid), "returncode": returncode,
             "reason": reason, "seconds": round(seconds, 1), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": shlex.join(run.command()), "stderr_log": str(run.run_dir / "stderr.log"),
             "stderr_tail": tail,
-        })
+        }
+        try:  # best effort: a failure record that cannot be written (full disk) must not stop the sweep
+            write_json_atomic(run.failed, failure)
+        except OSError as error:
+            self.console.print(f"[red]could not write {run.failed}: {error}[/red]")
         last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
         return RunOutcome(run, "failed", seconds, returncode, f"{reason}: {last[:200]}")
 
     def stop_all(self) -> None:
-        """Terminate every running run's process group (SIGTERM, then SIGKILL after 10 s)."""
+        """Terminate every running run's process group (SIGTERM: each saves its checkpoint; SIGKILL after
+        `STOP_GRACE_SECONDS`)."""
         self._stopping.set()
         with self._lock:
             procs = list(self._procs.values())
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):  # it has exited already
                 os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
         for proc in procs:
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -522,6 +562,9 @@ class SweepRunner:
                         self._announce(progress.console, outcome)
             except KeyboardInterrupt:
                 progress.console.print("[yellow]interrupted: stopping the running runs[/yellow]")
+                if threading.current_thread() is threading.main_thread():
+                    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut this
+                        signal.signal(sig, signal.SIG_IGN)
                 self.stop_all()
                 raise
         return outcomes
@@ -545,6 +588,71 @@ class SweepRunner:
                           f"{escape(outcome.detail)} (see {run.failed})")
 
 
+class SubmititRunner(SweepRunner):
+    """Runs each pending `Run` as a submitit job (SLURM, or submitit's local executor) and waits for them all.
+
+    A job is requeued by submitit when preempted or timed out, and resumes from its checkpoint (bench/slurm.py). A
+    signal to the sweep cancels its jobs (SLURM sends them SIGTERM: they save a checkpoint); a rerun resumes them.
+    """
+
+    def __init__(self, runs: Sequence[Run], executor, force: bool = False, console=None, poll_s: float = 5.0):
+        super().__init__(runs, parallel=1, force=force, console=console)
+        self.executor, self.poll_s = executor, poll_s
+        self.jobs: dict[str, tuple[Run, Any]] = {}
+
+    def submit(self) -> None:
+        from petl_bench.bench.slurm import submit_run
+
+        for run in self.pending():
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            job = submit_run(self.executor, run)
+            (run.run_dir / "job_id").write_text(f"{job.job_id}\n")
+            self.jobs[f"{run.dataset}/{run.name}"] = (run, job)
+            self.console.print(f"[dim]submitted {run.dataset}/{run.name}: job {job.job_id}[/dim]")
+
+    def stop_all(self) -> None:
+        self._stopping.set()
+        for run, job in self.jobs.values():
+            with contextlib.suppress(Exception):  # already finished, or the scheduler is unreachable
+                job.cancel(check=False)
+                self.console.print(f"cancelled job {job.job_id} ({run.dataset}/{run.name})")
+
+    def run(self) -> list[RunOutcome]:
+        from petl_bench.bench.slurm import wait_for
+
+        outcomes = [RunOutcome(r, "skipped") for r in self.runs if not self.force and r.result.exists()]
+        try:
+            self.submit()
+            for run, job in wait_for(self.jobs, self.poll_s):
+                outcome = self._job_outcome(run, job)
+                outcomes.append(outcome)
+                self._announce(self.console, outcome)
+        except KeyboardInterrupt:
+            self.console.print("[yellow]interrupted: cancelling the submitted jobs[/yellow]")
+            self.stop_all()
+            raise
+        return outcomes
+
+    def _job_outcome(self, run: Run, job) -> RunOutcome:
+        from petl_bench.atomic import write_json_atomic
+
+        try:
+            job.result()
+        except Exception as error:  # noqa: BLE001 - the job failed or was cancelled: record it, go on
+            detail = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
+            try:
+                write_json_atomic(run.failed, {"name": run.name, "dataset": run.dataset, "method": run.method,
+                                               "seed": run.seed, "job_id": job.job_id, "reason": detail,
+                                               "command": shlex.join(run.command()),
+                                               "stderr_log": str(run.run_dir / "stderr.log"),
+                                               "stderr_tail": _tail(run.run_dir / "stderr.log")})
+            except OSError as err:
+                self.console.print(f"[red]could not write {run.failed}: {err}[/red]")
+            return RunOutcome(run, "failed", 0.0, None, f"job {job.job_id}: {detail}")
+        run.failed.unlink(missing_ok=True)
+        return RunOutcome(run, "done", 0.0, 0)
+
+
 def prepare(spec: SweepSpec) -> None:
     """Run the sweep's preparation step once (e.g. generate the synthetic clips and backbone)."""
     if spec.prepare:
@@ -552,7 +660,8 @@ def prepare(spec: SweepSpec) -> None:
 
 
 def run_sweep(spec: SweepSpec, results: str | Path = "results", parallel: int = 1, force: bool = False,
-              dry_run: bool = False, report: bool = True, out=None) -> int:
+              dry_run: bool = False, report: bool = True, out=None, launcher: str = "local",
+              slurm: dict | None = None) -> int:
     """Expand, (print or) run, then write each dataset's report. Returns 0, or 1 when a run failed."""
     out = out or sys.stdout
     runs = spec.runs(results)
@@ -563,12 +672,21 @@ def run_sweep(spec: SweepSpec, results: str | Path = "results", parallel: int = 
         return 0
     if any(force or not r.result.exists() for r in runs):
         prepare(spec)
-    runner = SweepRunner(runs, parallel=parallel, force=force)
+    if launcher == "local":
+        runner = SweepRunner(runs, parallel=parallel, force=force)
+    else:
+        from petl_bench.bench.slurm import make_executor
+
+        cluster = {"slurm": "slurm", "submitit-local": "local"}[launcher]
+        executor = make_executor(Path(results) / "_submitit", cluster=cluster, **(slurm or {}))
+        runner = SubmititRunner(runs, executor, force=force)
     try:
-        outcomes = runner.run()
-    except KeyboardInterrupt:
-        runner.console.print("sweep interrupted; finished runs are kept, the next sweep goes on from there")
-        return 130
+        with _signals_interrupt():
+            outcomes = runner.run()
+    except KeyboardInterrupt as stop:
+        runner.console.print("sweep interrupted; finished runs are kept, stopped ones saved a checkpoint: the next "
+                             "sweep resumes them")
+        return 128 + getattr(stop, "signum", signal.SIGINT)
     failed = [o for o in outcomes if o.status == "failed"]
     if report:
         from petl_bench.bench.report import write_report
@@ -606,6 +724,23 @@ def add_execution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="redo finished runs")
     p.add_argument("--dry-run", action="store_true", help="print the commands (finished ones commented) and stop")
     p.add_argument("--no-report", action="store_true", help="do not rewrite the reports after the runs")
+    p.add_argument("--launcher", choices=("local", "slurm", "submitit-local"), default="local",
+                   help="local: subprocesses here (default); slurm: one SLURM job per run through submitit, requeued "
+                        "on preemption/timeout and resumed from its checkpoint; submitit-local: the same jobs through "
+                        "submitit's local executor")
+    g = p.add_argument_group("slurm (--launcher slurm)")
+    g.add_argument("--slurm-partition", default=None)
+    g.add_argument("--slurm-time-min", type=int, default=24 * 60, help="job time limit in minutes (default 1440)")
+    g.add_argument("--slurm-gpus", type=int, default=None, help="GPUs per job")
+    g.add_argument("--slurm-cpus", type=int, default=None, help="CPUs per job")
+    g.add_argument("--slurm-mem-gb", type=int, default=None)
+    g.add_argument("--slurm-signal-delay-s", type=int, default=120,
+                   help="seconds before the time limit at which the job checkpoints and requeues (default 120)")
+
+
+def slurm_options(a: argparse.Namespace) -> dict:
+    return {"timeout_min": a.slurm_time_min, "partition": a.slurm_partition, "gpus": a.slurm_gpus,
+            "cpus": a.slurm_cpus, "mem_gb": a.slurm_mem_gb, "signal_delay_s": a.slurm_signal_delay_s}
 
 
 def sweep_command(argv: list[str]) -> int:
@@ -625,7 +760,8 @@ def sweep_command(argv: list[str]) -> int:
         path = export_wandb_sweep(spec, a.export_wandb_sweep, a.results)
         print(f"wrote {path}: wandb sweep {path}  then  wandb agent <entity>/<project>/<sweep id>")
         return 0
-    return run_sweep(spec, a.results, parallel=a.parallel, force=a.force, dry_run=a.dry_run, report=not a.no_report)
+    return run_sweep(spec, a.results, parallel=a.parallel, force=a.force, dry_run=a.dry_run, report=not a.no_report,
+                     launcher=a.launcher, slurm=slurm_options(a))
 
 
 def bench_spec_path(dataset: str) -> Path:

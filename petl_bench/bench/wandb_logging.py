@@ -82,11 +82,26 @@ class BenchWandbLogger(WandbLogger):
 
     def bind_run(self, save_dir: str | Path, name: str | None = None, group: str | None = None,
                  tags: list[str] | None = None, config: dict | None = None) -> None:
-        """Set where and under which name the W&B run is created; only before the run has started."""
+        """Set where and under which name the W&B run is created; only before the run has started.
+
+        The run id is kept in ``<save_dir>/wandb/run_id``: a resumed run continues the same W&B run.
+        """
         if self._experiment is not None:
             raise RuntimeError("BenchWandbLogger.bind_run: the W&B run has already started; bind before fit/test")
         self._save_dir = os.fspath(save_dir)
         self._wandb_init["dir"] = self._save_dir
+        id_file = Path(save_dir) / "wandb" / "run_id"
+        if id_file.is_file() and id_file.read_text().strip():
+            run_id = id_file.read_text().strip()
+        else:
+            import secrets
+
+            from petl_bench.atomic import write_text_atomic
+
+            run_id = secrets.token_hex(4)  # W&B's own ids are 8 lower-case characters too
+
+            write_text_atomic(id_file, run_id + "\n")
+        self._wandb_init.update(id=run_id, resume="allow")
         for key, value in (("name", name), ("group", group), ("tags", tags), ("config", config)):
             if value is not None:
                 self._wandb_init[key] = value
@@ -118,10 +133,11 @@ class BenchWandbLogger(WandbLogger):
         """The W&B run once started and until `finish`; None otherwise (unlike ``experiment``, never starts one)."""
         return self._experiment
 
-    def finish(self) -> None:
-        """Close the W&B run (flushes the offline files); a no-op when it never started."""
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the W&B run (flushes the offline files); a no-op when it never started. A non-zero `exit_code`
+        marks the run failed (a stopped or crashed run is never reported as finished)."""
         if self._experiment is not None:
-            self._experiment.finish()
+            self._experiment.finish(exit_code=exit_code)
             self._experiment = None
 
     @property

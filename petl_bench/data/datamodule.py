@@ -22,12 +22,14 @@ import lightning as L
 import numpy as np
 import open_clip
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from petl_bench.data.datasets import DatasetSpec, Items, get_dataset
 from petl_bench.data.datasets._common import SkippedItemsWarning
 from petl_bench.data.frame_cache import CachedVideo, FrameCache
+from petl_bench.data.protocol import HOLDOUT, holdout_ids, ids_sha256, items_sha256
 from petl_bench.data.video import FRAME_PROTOCOLS, VideoDecodeError, VideoSource, pad_frames, read_sampled
+from petl_bench.resume import ResumableLoader
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,34 @@ MISSING_VIDEO_POLICIES = ("skip", "error")
 TRAIN_CAPTION_MODES = ("all", "random_one")
 # Loader options the DataModule sets itself from its own arguments (they apply to every dataset).
 _OWNED_OPTIONS = {"train_captions": "data.train_captions"}
+
+
+def check_sizes(num_frames, max_words, batch_size, eval_batch_size=None) -> None:
+    """Refuse frame, token and batch counts no run can use, naming the key and what to set, before any work starts.
+
+    Without this, ``num_frames=0`` or ``-3`` surfaces later as a "cannot decode video" error (or a negative tensor
+    dimension in a temporal module), ``max_words=0`` silently tokenises at open_clip's default of 77 tokens, and
+    ``eval_batch_size=0`` silently falls back to ``batch_size``.
+    """
+
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    problems = []
+    if not (whole(num_frames) and num_frames >= 1):
+        problems.append(f"data.num_frames={num_frames!r}: frames sampled per video must be a whole number >= 1 "
+                        "(12 for MSR-VTT, MSVD and VATEX; 64 for ActivityNet and DiDeMo)")
+    if not (whole(max_words) and max_words >= 3):
+        problems.append(f"data.max_words={max_words!r}: tokens per caption must be a whole number >= 3 (the start and "
+                        "end tokens and at least one word; 32 for the sentence datasets, 64 for paragraphs)")
+    if not (whole(batch_size) and batch_size >= 1):
+        problems.append(f"data.batch_size={batch_size!r}: (video, caption) pairs per process per step must be a whole "
+                        "number >= 1")
+    if eval_batch_size is not None and not (whole(eval_batch_size) and eval_batch_size >= 1):
+        problems.append(f"data.eval_batch_size={eval_batch_size!r}: must be a whole number >= 1, or null to evaluate "
+                        "with data.batch_size")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------------- split tables
@@ -107,6 +137,7 @@ class SplitTable:
     split: str = ""
     listed: int = 0
     skipped_without_captions: list[str] = field(default_factory=list)
+    items_sha256: str = ""  # of the listed (id, captions) items: `petl_bench.data.protocol.items_sha256`
 
 
 def build_split_table(
@@ -119,14 +150,20 @@ def build_split_table(
     options: dict | None = None,
     train_captions: str = "all",
     cache: FrameCache | None = None,
+    loaded: tuple[Items, list[str]] | None = None,
+    name: str | None = None,
 ) -> SplitTable:
     """Load a split's annotations and find its videos; a missing video is skipped (counted) or an error, by policy.
 
     With a frame cache, a video whose file is gone but whose frames are cached still counts as present.
+    ``loaded``: the split's ``(items, skipped ids)`` already read (a validation hold-out and the rest of the training
+    list are two tables of one file); ``name``: the table's split name (default ``split``).
     """
     if missing_videos not in MISSING_VIDEO_POLICIES:
         raise ValueError(f"missing_videos must be one of {MISSING_VIDEO_POLICIES}, got {missing_videos!r}")
-    items, skipped = load_split_items(spec, split, annotation_root, options, train_captions)
+    items, skipped = loaded if loaded is not None else load_split_items(spec, split, annotation_root, options,
+                                                                        train_captions)
+    split = name or split
     if not video_root.is_dir() and cache is None:
         raise FileNotFoundError(
             f"{spec.name}/{split}: video folder {video_root} does not exist; set data.video_root (default: "
@@ -159,7 +196,7 @@ def build_split_table(
             f"data.video_root and the file names (`petl-bench prepare {spec.name} --root ...` reports them)"
         )
     return SplitTable(ids, paths, captions, caption_video, missing, split=split, listed=len(items),
-                      skipped_without_captions=skipped)
+                      skipped_without_captions=skipped, items_sha256=items_sha256(items))
 
 
 # ------------------------------------------------------------------------------------------------------ frames
@@ -275,6 +312,13 @@ class RetrievalDataModule(L.LightningDataModule):
             (1 fps, then evenly thinned; the default of every real dataset config).
         max_seconds: sample only the first ``max_seconds`` of each video (DiDeMo's protocol: 30); None: all of it.
         train_captions: ``all`` (video, caption) pairs per epoch, or ``random_one`` caption per video per epoch.
+        val_split: the split model selection sees, never the test split (refused): the dataset's official
+            validation split by default (MSVD, VATEX, DiDeMo), or ``holdout``: ``val_holdout`` videos (a count, or a
+            share of the list below 1) drawn with ``val_seed`` from the training list, which trains on the rest
+            (`petl_bench.data.protocol`; the default wherever ``val_holdout`` is set and the dataset has no validation
+            split: MSR-VTT, ActivityNet). No validation split at all (the synthetic set): the last epoch is tested.
+        manifest_probe: videos per split whose container header `manifest()` reads for fps / resolution statistics
+            (a seeded sample beyond that; 0: none).
         batch_size: per process; the loss sees batch_size x processes. A training set smaller than one batch
             gives one smaller batch per epoch (recorded throughput counts the samples actually seen).
         eval_batch_size: per process at validation and test; None: ``batch_size``.
@@ -301,6 +345,9 @@ class RetrievalDataModule(L.LightningDataModule):
         train_split: str | None = None,
         test_split: str | None = None,
         val_split: str | None = None,
+        val_holdout: float | None = None,
+        val_seed: int = 0,
+        manifest_probe: int = 256,
         train_captions: str = "all",
         batch_size: int = 32,
         eval_batch_size: int | None = None,
@@ -310,6 +357,7 @@ class RetrievalDataModule(L.LightningDataModule):
         frame_cache: str | None = None,
     ):
         super().__init__()
+        check_sizes(num_frames, max_words, batch_size, eval_batch_size)
         self.save_hyperparameters()
         self.spec = get_dataset(dataset)
         if frame_protocol not in FRAME_PROTOCOLS:
@@ -322,7 +370,7 @@ class RetrievalDataModule(L.LightningDataModule):
             raise ValueError(f"data.max_seconds must be positive (or null for whole videos), got {max_seconds!r}")
         self.dataset_options = check_dataset_options(self.spec, dataset_options)
         for which, split in (("train", train_split), ("test", test_split), ("val", val_split)):
-            if split is not None and split not in self.spec.splits:
+            if split is not None and split not in self.spec.splits and not (which == "val" and split == HOLDOUT):
                 raise ValueError(
                     f"data.{which}_split={split!r}: {dataset} has no such split; its splits are "
                     f"{', '.join(self.spec.splits)}"
@@ -341,8 +389,21 @@ class RetrievalDataModule(L.LightningDataModule):
         self.splits = {
             "train": train_split or self.spec.train_split,
             "test": test_split or self.spec.test_split,
-            "val": val_split or self.spec.val_split or test_split or self.spec.test_split,
+            "val": val_split or self.spec.val_split or (HOLDOUT if val_holdout else None),
         }
+        if self.splits["val"] == self.splits["test"]:
+            raise ValueError(
+                f"data.val_split={self.splits['val']!r} is the test split: model selection (best epoch, early "
+                "stopping, post-processing parameters) must not see the test set. Use the dataset's validation split "
+                "or data.val_holdout=N (N training videos held out)"
+            )
+        if self.splits["val"] == HOLDOUT and not val_holdout:
+            raise ValueError("data.val_split=holdout needs data.val_holdout: the number (or share) of training videos "
+                             "to hold out")
+        if val_holdout and self.splits["val"] != HOLDOUT:
+            raise ValueError(f"data.val_holdout={val_holdout!r} is set but validation uses the split "
+                             f"{self.splits['val']!r}; unset one of them")
+        self._holdout: list[str] | None = None  # held-out training ids, once drawn
         self.tables: dict[str, SplitTable] = {}
         self._hard_twins: dict[str, dict[str, str]] = {}  # split -> video id -> twin id, read once per split
         self._cache: FrameCache | None = None
@@ -379,19 +440,63 @@ class RetrievalDataModule(L.LightningDataModule):
                     self.hparams.num_frames)
         return self._cache
 
-    def table(self, which: str) -> SplitTable:
+    def _table_key(self, which: str) -> str:
         split = self.splits[which]
-        if split not in self.tables:
-            self.tables[split] = build_split_table(
-                self.spec, split, self.annotation_root, self.video_root, self.hparams.missing_videos,
-                options=self.dataset_options, train_captions=self.hparams.train_captions, cache=self.frame_cache,
-            )
-        return self.tables[split]
+        if split is None:
+            raise ValueError(f"{self.hparams.dataset} has no validation split here (set data.val_split or "
+                             "data.val_holdout)")
+        return f"{self.splits['train']}/{HOLDOUT}" if split == HOLDOUT else split
+
+    def table(self, which: str) -> SplitTable:
+        key = self._table_key(which)
+        if key not in self.tables:
+            if self.splits["val"] == HOLDOUT and which in ("train", "val"):
+                self._build_holdout()
+            else:
+                self.tables[key] = build_split_table(
+                    self.spec, key, self.annotation_root, self.video_root, self.hparams.missing_videos,
+                    options=self.dataset_options, train_captions=self.hparams.train_captions, cache=self.frame_cache,
+                )
+        return self.tables[key]
+
+    def _twins(self, split: str) -> dict[str, str]:
+        twins_of = self.spec.extra.get("hard_twins")
+        if twins_of is None:
+            return {}
+        if split not in self._hard_twins:
+            self._hard_twins[split] = twins_of(self.annotation_root, split)
+        return self._hard_twins[split]
+
+    def _build_holdout(self) -> None:
+        """The training list read once and cut in two tables: the held-out validation ids and the rest."""
+        train = self.splits["train"]
+        items, skipped = load_split_items(self.spec, train, self.annotation_root, self.dataset_options,
+                                          self.hparams.train_captions)
+        twins = self._twins(train)  # a clip and its order twin stay on one side
+        groups = {a: min(a, b) for a, b in twins.items()}
+        held = set(holdout_ids([video_id for video_id, _ in items], self.hparams.val_holdout,
+                               self.hparams.val_seed, groups))
+        self._holdout = [video_id for video_id, _ in items if video_id in held]
+        common = {"options": self.dataset_options, "train_captions": self.hparams.train_captions,
+                  "cache": self.frame_cache}
+        self.tables[train] = build_split_table(
+            self.spec, train, self.annotation_root, self.video_root, self.hparams.missing_videos,
+            loaded=([it for it in items if it[0] not in held], skipped), **common)
+        self.tables[f"{train}/{HOLDOUT}"] = build_split_table(
+            self.spec, train, self.annotation_root, self.video_root, self.hparams.missing_videos,
+            loaded=([it for it in items if it[0] in held], []), name=f"{train}/{HOLDOUT}", **common)
+        log.info("%s: validation holds out %d of the %d listed %s videos (val_seed %d); training uses the other %d",
+                 self.hparams.dataset, len(held), len(items), train, self.hparams.val_seed, len(items) - len(held))
+
+    @property
+    def has_validation(self) -> bool:
+        return self.splits["val"] is not None
 
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", None):
             self.table("train")
-            self.table("val")
+            if self.has_validation:
+                self.table("val")
         if stage in ("validate",):
             self.table("val")
         if stage in ("test", None):
@@ -403,19 +508,23 @@ class RetrievalDataModule(L.LightningDataModule):
         Per split used: its name, videos and captions, listed videos missing on disk (count; the ids too for the
         evaluation splits) and ids dropped for lack of captions; plus the frame protocol, how training drew captions
         (``train_caption_sampling``: every pair or one random caption per video) and, with a frame cache, how many
-        videos of each split were read from it.
+        videos of each split were read from it. ``val_split`` is None when nothing validates (the last epoch is then
+        tested); a hold-out adds ``val_holdout`` (from which split, how many, the seed, the ids and their hash).
         """
         out = {"dataset": self.hparams.dataset, "frame_protocol": self.hparams.frame_protocol,
                "num_frames": self.hparams.num_frames, "max_words": self.hparams.max_words,
                "max_seconds": self.hparams.max_seconds, "train_caption_sampling": self.hparams.train_captions,
                "image_size": self.image_size, "missing_videos": self.hparams.missing_videos,
                "dataset_options": dict(self.dataset_options), "frame_cache": self.hparams.frame_cache}
-        whiches = ["train", "test"] + (["val"] if self.splits["val"] != self.splits["test"] else [])
-        for which in whiches:
+        out["val_split"] = self.splits["val"]
+        for which in ("train", "test", "val"):
             split = self.splits[which]
             out[f"{which}_split"] = split
-            if split in self.tables:
-                t = self.tables[split]
+            if split is None:
+                continue
+            key = self._table_key(which)
+            if key in self.tables:
+                t = self.tables[key]
                 out[f"{which}_videos"] = len(t.video_ids)
                 out[f"{which}_captions"] = len(t.captions)
                 out[f"{which}_listed_videos"] = t.listed
@@ -424,11 +533,58 @@ class RetrievalDataModule(L.LightningDataModule):
                 if which != "train":
                     out[f"{which}_missing_video_ids"] = list(t.missing_videos)
                     out[f"{which}_skipped_without_captions_ids"] = list(t.skipped_without_captions)
-                if split in self._cached_counts:
-                    out[f"{which}_videos_from_frame_cache"] = self._cached_counts[split]
-        if self.splits["val"] == self.splits["test"]:
-            out["val_split"] = self.splits["val"]
+                if key in self._cached_counts:
+                    out[f"{which}_videos_from_frame_cache"] = self._cached_counts[key]
+        if self._holdout is not None:
+            requested = self.hparams.val_holdout  # a count arrives as a float from the CLI: 500.0 -> 500
+            requested = int(requested) if float(requested).is_integer() else requested
+            out["val_holdout"] = {"from_split": self.splits["train"], "requested": requested,
+                                  "seed": self.hparams.val_seed, "videos": len(self._holdout),
+                                  "ids_sha256": ids_sha256(self._holdout), "ids": list(self._holdout)}
         return out
+
+    def manifest(self) -> dict:
+        """What data the run saw, in enough detail to show that two runs saw the same (`petl_bench.data.protocol`).
+
+        Per split built: videos and captions listed, found, missing (ids for the evaluation splits), left out for lack
+        of captions, unreadable among the probed files, a hash of the listed (id, captions) items, and the source
+        fps / resolution / duration (min, median, max) from a container-header probe; plus the frame protocol and a
+        SHA-256 of every annotation file.
+        """
+        from petl_bench.data.protocol import annotation_files, combined_sha256, probe_videos
+
+        subdirs = [self.spec.extra["annotation_subdir"]] if "annotation_subdir" in self.spec.extra else []
+        files = annotation_files(self.annotation_root, subdirs)
+        splits = {}
+        for which in ("train", "val", "test"):
+            if self.splits[which] is None:
+                continue
+            try:  # every split, also those this run did not load (a zero-shot run): two manifests compare whole
+                t = self.table(which)
+            except (OSError, ValueError) as err:
+                splits[which] = {"split": self.splits[which], "error": str(err).splitlines()[0][:300]}
+                continue
+            probe = probe_videos(t.video_ids, t.video_paths, self.hparams.manifest_probe, self.hparams.val_seed)
+            splits[which] = {
+                "split": t.split, "listed_videos": t.listed + len(t.skipped_without_captions),
+                "listed_with_captions": t.listed, "found_videos": len(t.video_ids),
+                "missing_videos": len(t.missing_videos), "skipped_without_captions": len(t.skipped_without_captions),
+                "unreadable_videos": probe["unreadable"], "captions": len(t.captions),
+                "items_sha256": t.items_sha256, "video_ids_sha256": ids_sha256(t.video_ids), "probe": probe,
+                **({"missing_video_ids": list(t.missing_videos)} if which != "train" else {}),
+            }
+        return {
+            "dataset": self.hparams.dataset, "annotation_root": str(self.annotation_root),
+            "video_root": str(self.video_root),
+            "frames": {"protocol": self.hparams.frame_protocol, "num_frames": self.hparams.num_frames,
+                       "max_seconds": self.hparams.max_seconds, "image_size": self.image_size,
+                       "frame_cache": self.hparams.frame_cache},
+            "max_words": self.hparams.max_words, "train_caption_sampling": self.hparams.train_captions,
+            "validation": ({"split": self.splits["val"], **({"holdout": self.summary()["val_holdout"]}
+                                                            if self._holdout is not None else {})}
+                           if self.has_validation else None),
+            "splits": splits, "annotation_files": files, "annotations_sha256": combined_sha256(files),
+        }
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
@@ -460,15 +616,20 @@ class RetrievalDataModule(L.LightningDataModule):
                  "every (video, caption) pair" if self.hparams.train_captions == "all"
                  else "one random caption per video per epoch", len(pairs))
         # drop_last: every step sees a full batch, so the InfoNCE task has the same difficulty throughout
-        return self._loader(pairs, self.hparams.batch_size, shuffle=True, drop_last=len(pairs) > self.hparams.batch_size)
+        # resumable and seeded per (epoch, item): a resumed or multi-process run sees the same batches (resume.py)
+        return ResumableLoader.like(self._loader(pairs, self.hparams.batch_size, shuffle=True,
+                                                 drop_last=len(pairs) > self.hparams.batch_size))
 
     def _eval_loaders(self, which: str) -> list[DataLoader]:
         table = self.table(which)
-        bs = self.hparams.eval_batch_size or self.hparams.batch_size
+        bs = self.hparams.batch_size if self.hparams.eval_batch_size is None else self.hparams.eval_batch_size
         return [self._loader(VideoDataset(table, self._frames(which, False)), bs, shuffle=False),
                 self._loader(CaptionDataset(table, self.tokenize), bs, shuffle=False)]
 
     def val_dataloader(self) -> list[DataLoader]:
+        if not self.has_validation:  # no split disjoint from test: nothing validates, the last epoch is tested
+            log.info("%s: no validation split (data.val_split / data.val_holdout unset)", self.hparams.dataset)
+            return []
         return self._eval_loaders("val")
 
     def test_dataloader(self) -> list[DataLoader]:
@@ -481,15 +642,12 @@ class RetrievalDataModule(L.LightningDataModule):
         Datasets that know hard twins (the synthetic order pairs: a clip and its time-reversed copy, whose captions
         differ only in direction) give ``{"order_pairs": [...]}``; the others give nothing.
         """
-        twins_of = self.spec.extra.get("hard_twins")
-        if twins_of is None:
+        if self.spec.extra.get("hard_twins") is None:
             return {}
         which = "test" if stage == "test" else "val"
         table = self.table(which)
         split = self.splits[which]
-        if split not in self._hard_twins:
-            self._hard_twins[split] = twins_of(self.annotation_root, split)
-        twin = self._hard_twins[split]
+        twin = self._twins(self.splits["train"] if split == HOLDOUT else split)  # a hold-out keeps its twins
         row = {vid: i for i, vid in enumerate(table.video_ids)}
         triples = [(c, v, row[twin[table.video_ids[v]]]) for c, v in enumerate(table.caption_video)
                    if twin.get(table.video_ids[v]) in row]
@@ -498,6 +656,27 @@ class RetrievalDataModule(L.LightningDataModule):
     def eval_subsets(self, stage: str) -> dict[str, list[int]]:
         """Named caption subsets whose T2V metrics are reported beside the full set's: the order pairs' captions."""
         return {name: sorted({c for c, _, _ in triples}) for name, triples in self.eval_pairs(stage).items()}
+
+    # ------------------------------------------------------------------ querybank (post-processing, metrics.py)
+    def querybank_dataloaders(self, num_captions: int, num_videos: int, seed: int = 0, rank: int = 0,
+                              world_size: int = 1) -> list[DataLoader]:
+        """``[videos, captions]`` loaders over a seeded random subset of the *training* split, never val/test: the
+        bank of training queries QB-Norm and Sinkhorn post-processing score the evaluation gallery against.
+
+        Evaluation frame sampling (deterministic); ``index`` is the row in the training tables. This process gets
+        every ``world_size``-th item from ``rank``, so the processes embed disjoint shares of the same bank.
+        """
+        table = self.table("train")
+        generator = torch.Generator().manual_seed(seed)
+        videos = torch.randperm(len(table.video_ids), generator=generator)[:num_videos].sort().values
+        captions = torch.randperm(len(table.captions), generator=generator)[:num_captions].sort().values
+        bs = self.hparams.batch_size if self.hparams.eval_batch_size is None else self.hparams.eval_batch_size
+        return [
+            self._loader(Subset(VideoDataset(table, self._frames("train", False)), videos[rank::world_size].tolist()),
+                         bs, shuffle=False),
+            self._loader(Subset(CaptionDataset(table, self.tokenize), captions[rank::world_size].tolist()), bs,
+                         shuffle=False),
+        ]
 
 
 def _backbone_image_size(backbone: str) -> int:

@@ -49,7 +49,9 @@ from petl_bench.data.video import VideoDecodeError, VideoSource, sample_frame_in
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "petl-bench-frame-cache"
-CACHE_VERSION = 1
+# 2: frames resized at their shown shape (rotation, sample aspect ratio; see video.py). Version 1 caches held rotated
+# phone clips squeezed and non-square-pixel clips stretched, so they are refused rather than read.
+CACHE_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "index.jsonl"
 FRAMES_DIR = "frames"
@@ -341,9 +343,12 @@ def _read_manifest(path: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
         raise FrameCacheError(f"{path}: not a petl-bench frame cache manifest")
     if manifest.get("version") != CACHE_VERSION:
+        why = (" (version 1 stored rotated and non-square-pixel videos at the wrong shape)"
+               if manifest.get("version") == 1 else "")
         raise FrameCacheError(
-            f"{path}: frame cache version {manifest.get('version')}, this petl-bench reads version {CACHE_VERSION}; "
-            "rebuild the cache into a new folder"
+            f"{path}: frame cache version {manifest.get('version')}, this petl-bench reads version {CACHE_VERSION}"
+            f"{why}; rebuild the cache into a new folder (or delete this one) with `petl-bench prepare <dataset> "
+            "--root DATA --frame-cache DIR`"
         )
     for key in ("dataset", "image_size", "sampling"):
         if key not in manifest:

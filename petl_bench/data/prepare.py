@@ -9,8 +9,10 @@ bar; an interrupted build resumes where it stopped.
 
 The findings are printed and written as JSON (``--report``). The exit status is 1 only for what would make a run fail:
 an annotation file a run needs is missing or malformed, the video folder does not exist, a present video cannot be
-decoded, or the cache cannot be written. Missing videos alone are not an error (runs skip them with
-``data.missing_videos=skip`` and count them).
+decoded, the cache cannot be written, or videos a run needs are missing under the missing-videos policy ``error``.
+That policy is the dataset config's ``data.missing_videos`` (``error`` for MSR-VTT and MSVD, whose videos ship in one
+archive; ``skip`` for the YouTube/Flickr sets), or ``--missing-videos``: under ``skip`` runs leave missing videos out
+and count them, so they are reported but not an error.
 """
 
 from __future__ import annotations
@@ -150,15 +152,20 @@ def prepare_dataset(
     workers: int = 1,
     progress: bool = True,
     console=None,
+    missing_videos: str = "skip",
 ) -> dict:
     """Check one dataset folder (and build its frame cache); return the report as a dict (see `prepare_command`).
 
-    ``report["errors"]`` lists what would make a run fail; everything else is information.
+    ``report["errors"]`` lists what would make a run fail; everything else is information. ``missing_videos`` is the
+    policy the runs will use (``data.missing_videos``): under ``error``, missing videos of a split a run needs are
+    an error too.
     """
     from rich.console import Console
 
-    from petl_bench.data.datamodule import check_dataset_options, load_split_items
+    from petl_bench.data.datamodule import MISSING_VIDEO_POLICIES, check_dataset_options, load_split_items
 
+    if missing_videos not in MISSING_VIDEO_POLICIES:
+        raise ValueError(f"missing_videos must be one of {MISSING_VIDEO_POLICIES}, got {missing_videos!r}")
     console = console or Console(stderr=True)
     spec: DatasetSpec = get_dataset(dataset)
     root = Path(root).expanduser()
@@ -175,8 +182,8 @@ def prepare_dataset(
 
     report: dict = {
         "dataset": dataset, "root": str(root), "annotation_root": str(annotation_root), "video_root": str(video_root),
-        "options": options, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "splits": {},
-        "unavailable_splits": {}, "errors": [],
+        "options": options, "missing_videos": missing_videos, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "splits": {}, "unavailable_splits": {}, "errors": [],
     }
     errors: list[str] = report["errors"]
     if not video_root.is_dir():
@@ -217,6 +224,16 @@ def prepare_dataset(
             if items and not found.present and not entry.get("missing_but_cached") and (explicit or split in needed):
                 errors.append(f"{split}: none of the {len(items):,} listed videos exist under {video_root}; check "
                               "--video-root and the file names (a run stops here)")
+            elif missing_videos == "error" and (explicit or split in needed):
+                stopping = entry["missing"] - entry.get("missing_but_cached", 0)
+                if stopping:
+                    errors.append(
+                        f"{split}: {stopping:,} listed videos are missing and a run with data.missing_videos=error "
+                        f"(configs/data/{dataset}.yaml, unless --missing-videos says otherwise) stops at set-up; "
+                        "download them, or run with "
+                        "--data.missing_videos=skip to leave them out (the count is recorded), and check with "
+                        f"`petl-bench prepare {dataset} ... --missing-videos skip`"
+                    )
         entry["unreadable"] = []
         report["splits"][split] = entry
 
@@ -295,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a split to check (repeatable; default: every split, those a default run needs required)")
     p.add_argument("--option", action="append", default=[], type=_parse_option, metavar="KEY=VALUE",
                    help="a dataset option (as data.dataset_options), e.g. missing=skip for VATEX")
+    p.add_argument("--missing-videos", choices=("skip", "error"), default=None,
+                   help="the runs' data.missing_videos policy: under 'error' a missing video a run needs fails the "
+                        "check (default: the dataset config's, else skip)")
     p.add_argument("--check-decode", action="store_true",
                    help="open every present video and decode its first, middle and last frames")
     p.add_argument("--frame-cache", default=None, metavar="DIR", help="build (or complete) the frame cache in DIR")
@@ -333,6 +353,7 @@ def prepare_command(argv: list[str]) -> int:
             a.dataset, a.root, annotation_root=a.annotation_root, video_root=a.video_root, splits=a.splits,
             options=options, check_decoding=a.check_decode, frame_cache=a.frame_cache, image_size=a.image_size,
             sampling=sampling, workers=a.workers, progress=not a.no_progress, console=console,
+            missing_videos=a.missing_videos or defaults.get("missing_videos") or "skip",
         )
     except (ValueError, AnnotationError) as err:
         console.print(f"[red]error:[/red] {err}")
@@ -379,7 +400,9 @@ def print_report(report: dict, console) -> None:
         for error in report["errors"]:
             console.print(f"[red]error:[/red] {error}")
     else:
-        console.print("[green]ok[/green]: a run can use this folder")
+        skipped = any(entry.get("missing") for entry in report["splits"].values())
+        console.print("[green]ok[/green]: a run can use this folder"
+                      + (" (missing videos are skipped and counted: data.missing_videos=skip)" if skipped else ""))
 
 
 def _human_bytes(size: int) -> str:

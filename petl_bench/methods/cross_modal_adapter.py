@@ -129,12 +129,15 @@ class Adapter(nn.Module):
 
     def forward(self, h: torch.Tensor, shared_up: SharedUpProjection | None) -> torch.Tensor:
         z = self.act(self.down(h))
-        parts = []
-        if self.up is not None:
-            parts.append(self.up(z))
-        if shared_up is not None:
-            parts.append(shared_up(z))
-        return h + (torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])
+        if self.up is None:
+            return h + shared_up(z)
+        if shared_up is None:
+            return h + self.up(z)
+        # one matmul with the stacked (D × r) weight instead of two and a concatenation of their (…, D) outputs: the
+        # same dot products, and the shared rows still receive the gradients of both towers through the cat
+        weight = torch.cat([self.up.weight, shared_up.weight])
+        bias = torch.cat([self.up.bias, shared_up.bias])
+        return h + nn.functional.linear(z, weight, bias)
 
 
 class BlockAdapters(nn.Module):

@@ -267,9 +267,10 @@ class VideoAdapter(nn.Module):
         seq = quick_gelu(self.block(seq, key_padding_mask=~keep))
         cc_out, cls_out, patch_out = seq[:, 0], seq[:, 1:T + 1], seq[:, T + 1:]
         alpha = self.calibration(cc_out, cls_out + patch_out, frame_mask)
-        cls_up = self.up(alpha * cls_out)  # α scales Up's input channels, for the frame's [CLS] only
-        patch_up = self.up(patch_down)
-        return self.scale * torch.cat([cls_up[:, :, None], patch_up], dim=2).flatten(0, 1)
+        # α scales Up's input channels, for the frame's [CLS] only; one Up over [CLS; patches] in the r-wide space
+        # (the same per-token products as two calls, without concatenating two d-wide outputs)
+        up_in = torch.cat([(alpha * cls_out)[:, :, None], patch_down], dim=2)
+        return self.scale * self.up(up_in).flatten(0, 1)
 
 
 class TextAdapter(nn.Module):

@@ -177,6 +177,15 @@ class ContextPromptGenerator(nn.Module):
         return offsets.view(B, T, self.prompt_length, D)
 
 
+_LAYER_KEYS = tuple(str(i) for i in range(256))
+
+
+def _layer_key(i: int) -> str:
+    """The ParameterDict key of layer ``i``; a lookup rather than ``str(i)``, which torch.compile cannot trace
+    (a graph break in every visual block)."""
+    return _LAYER_KEYS[i] if i < len(_LAYER_KEYS) else str(i)
+
+
 # ---------------------------------------------------------------------------------------------------- the method
 class VoP(RetrievalModule):
     """VoP and its enhanced variants (module docstring). Options beyond `RetrievalModule`'s:
@@ -300,12 +309,12 @@ class VoP(RetrievalModule):
         """The prompts of image layer ``i`` for every frame, (B·T, n, D); ``x`` is what enters that layer."""
         B, T = ctx.batch_size, ctx.num_frames
         if i not in self.frame_prompt_layers:
-            shared = self.visual_prompts[str(i)].to(x.dtype)
+            shared = self.visual_prompts[_layer_key(i)].to(x.dtype)
             return shared.unsqueeze(0).expand(B * T, -1, -1)
         if T > self.num_frames:
             raise ValueError(f"videos have {T} frames but VoP^P/^C prompts were built for num_frames="
                              f"{self.num_frames}; set model.num_frames to the data's num_frames")
-        prompts = self.frame_prompts[str(i)][:T].unsqueeze(0)  # (1, T, n, D)
+        prompts = self.frame_prompts[_layer_key(i)][:T].unsqueeze(0)  # (1, T, n, D)
         if self.context_generator is not None:
             cls = x[:, 0].view(B, T, -1)
             prompts = prompts + self.context_generator(cls, ctx.frame_mask)

@@ -27,7 +27,9 @@ class DatasetSpec:
     find_video: Callable[[Path, str], Path | None]
     train_split: str = "train"
     test_split: str = "test"
-    val_split: str | None = None  # None: validate on the test split, as the CLIP4Clip family does
+    # None: no official validation split disjoint from test (the DataModule then holds out training videos when
+    # data.val_holdout is set, else nothing validates); never the test split (petl_bench/data/protocol.py)
+    val_split: str | None = None
     # "group": CLIP4Clip's multi-caption V2T; single-caption datasets use it too (it reduces to the transpose).
     v2t_protocol: str = "group"
     paragraph: bool = False

@@ -105,10 +105,12 @@ def test_a_class_built_without_a_config_has_its_default_configs_values(name):
             f"{class_name}() has {key}={model.hparams[key]!r} but configs/model/{name}.yaml says {value!r}")
 
 
-def _tiny_batch_ctx(model, frames: int = 3):
+def _visual_ctx(videos: int = 2, frames: int = 3):
+    """The context of a visual block for `videos` x `frames` images, all frames real."""
     from petl_bench.backbone import ForwardContext
 
-    return ForwardContext("visual", batch_size=2, num_frames=frames, frame_mask=torch.ones(2, frames, dtype=torch.bool))
+    return ForwardContext("visual", batch_size=videos, num_frames=frames,
+                          frame_mask=torch.ones(videos, frames, dtype=torch.bool))
 
 
 def test_mv_adapter_adds_its_output_scaled_by_one_tenth_next_to_the_ffn():
@@ -118,7 +120,7 @@ def test_mv_adapter_adds_its_output_scaled_by_one_tenth_next_to_the_ffn():
     with torch.no_grad():
         for p in model.visual_adapters.parameters():
             p.normal_(0, 0.2)  # Up starts at zero: make the adapter's output visible
-    block, ctx = model.clip.visual_blocks[0], _tiny_batch_ctx(model)
+    block, ctx = model.clip.visual_blocks[0], _visual_ctx()
     x = torch.randn(6, 17, 64)
 
     def block_out(scale: float) -> torch.Tensor:

@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATASET ?= synthetic
 SEEDS ?= 1
-PARALLEL ?= 1
+# runs at once: auto = one per core without a GPU (each run uses one thread), one at a time with GPUs
+PARALLEL ?= auto
 SWEEP ?= experiments/$(DATASET).yaml
 # the committed record of a benchmark (report.md + plots); only `make record` writes it, never `make bench`/`report`
 RECORD ?= experiments/$(DATASET)

@@ -130,22 +130,34 @@ def params_command(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------- synth
+SYNTHETIC_BACKBONE = "petl-tiny-vit"  # configs/backbone/tiny_synthetic.yaml
+
+
 def synth_command(argv: list[str]) -> int:
-    from petl_bench.data.synthetic import default_root, generate_synthetic
+    import open_clip
+
+    from petl_bench.data.synthetic import build_frame_cache, default_root, generate_synthetic
     from petl_bench.pretrain import synthetic_checkpoint
 
     p = argparse.ArgumentParser(prog="petl-bench synth",
-                                description="Generate the synthetic clips and the synthetic pre-trained backbone.")
+                                description="Generate the synthetic clips, their frame cache and the synthetic "
+                                            "pre-trained backbone.")
     p.add_argument("--root", default=None, help="output folder (default: <cache>/synthetic-v<N>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-backbone", action="store_true", help="only the clips")
+    p.add_argument("--cache-size", type=int, default=None,
+                   help="frame size of the frame cache (default: the synthetic backbone's, 32; 0: no cache)")
     a = p.parse_args(argv)
     root = a.root or str(default_root())
     generate_synthetic(root, seed=a.seed, overwrite=a.overwrite)
     print(f"synthetic clips: {root}")
+    size = a.cache_size if a.cache_size is not None else open_clip.get_model_config(SYNTHETIC_BACKBONE)["vision_cfg"][
+        "image_size"]
+    if size:
+        print(f"synthetic frame cache: {build_frame_cache(root, size)} ({size} px, every frame; data.frame_cache=auto)")
     if not a.no_backbone:
-        print(f"synthetic backbone: {synthetic_checkpoint('petl-tiny-vit')}")
+        print(f"synthetic backbone: {synthetic_checkpoint(SYNTHETIC_BACKBONE)}")
     return 0
 
 

@@ -73,3 +73,19 @@ def test_a_failing_run_is_recorded_and_the_rest_complete(synthetic_root, synthet
     # the failure is not "finished": the next sweep tries it again, the finished run is skipped
     pending = SweepRunner(spec.runs(results)).pending()
     assert [r.name for r in pending] == ["cross_modal_adapter"]
+
+
+@pytest.mark.slow
+def test_a_forked_run_records_what_a_fresh_interpreter_records(synthetic_root, synthetic_backbone, tmp_path,
+                                                                monkeypatch):
+    """The sweep forks its runs from one process that imported everything once (bench/launcher.py); that must not
+    move a single metric against `python -m petl_bench.cli run` started fresh."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    spec = tiny_spec(tmp_path, synthetic_root, ["cross_modal_adapter"], 1)
+    records = {}
+    for start in ("fresh", "fork"):
+        assert run_sweep(spec, tmp_path / start, report=False, start=start) == 0
+        records[start] = json.loads((tmp_path / start / "synthetic" / "cross_modal_adapter.json").read_text())
+        assert records[start]["environment"]["process_start"] == start
+    assert records["fork"]["metrics"] == records["fresh"]["metrics"]
+    assert records["fork"]["params"] == records["fresh"]["params"]

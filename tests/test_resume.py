@@ -264,7 +264,7 @@ def test_a_corrupt_validation_video_keeps_the_trained_epoch(synthetic_root, synt
     from petl_bench.data.datamodule import RetrievalDataModule
 
     root = tmp_path / "data"
-    shutil.copytree(synthetic_root, root)
+    shutil.copytree(synthetic_root, root, ignore=shutil.ignore_patterns("frame_cache"))  # the clips, not their cache
     # validation is never the test split: 4 training clips held out (data.val_holdout), the first one corrupted
     held = RetrievalDataModule("synthetic", root=str(root), val_holdout=4, num_workers=0)
     first = held.table("val").video_ids[0]

@@ -215,3 +215,42 @@ def test_malformed_annotations_name_the_file_and_line(tmp_path):
         read_synthetic_annotations(bad)
     with pytest.raises(FileNotFoundError, match="generate_synthetic"):
         load_annotations("synthetic", "train", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------ frame cache
+def test_the_auto_frame_cache_serves_exactly_the_decoded_frames(tmp_path):
+    """``data.frame_cache: auto`` on the synthetic set: built on first use, every frame of every clip, so training
+    draws and evaluation frames are the very tensors decoding gives (the bench's metrics do not move)."""
+    import random
+
+    from petl_bench.data.datamodule import FrameLoader, RetrievalDataModule
+    from petl_bench.data.frame_cache import FrameCache
+
+    root = generate_synthetic(tmp_path / "set", num_train=4, num_test=4, test_singles=0, num_frames=8, size=32)
+    dm = RetrievalDataModule("synthetic", root=str(root), backbone="petl-tiny-vit", num_frames=4, batch_size=2,
+                             num_workers=0, frame_cache="auto")
+    assert dm.frame_cache_dir() is None  # nothing built yet: decoding
+    dm.prepare_data()
+    assert dm.frame_cache_dir() == str(root / "frame_cache")
+    cache = FrameCache.open(root / "frame_cache", "synthetic", 32)
+    assert len(cache) == 8 and cache.holds_every_frame()
+    table = dm.table("train")
+    for num_frames, protocol in ((4, "uniform"), (6, "uniform"), (3, "fps")):
+        for train in (True, False):
+            loaders = [FrameLoader(table, num_frames, 32, protocol, train, cache=c) for c in (None, cache)]
+            assert loaders[1].num_cached == len(table.video_ids)
+            for row in range(len(table.video_ids)):
+                frames = []
+                for loader in loaders:
+                    random.seed(row)  # a training draw: the same python RNG state on both paths
+                    frames.append(loader.load(row))
+                assert torch.equal(frames[0][0], frames[1][0]) and torch.equal(frames[0][1], frames[1][1]), \
+                    (num_frames, protocol, train, row)
+    dm.setup("fit")
+    dm.train_dataloader()
+    summary = dm.summary()
+    assert summary["frame_cache"] == str(root / "frame_cache") and summary["train_videos_from_frame_cache"] == 4
+    # another frame size finds no cache of its size and decodes; a run never reads frames of the wrong size
+    other = RetrievalDataModule("synthetic", root=str(root), backbone="petl-tiny-vit", image_size=48, num_frames=4,
+                                num_workers=0, frame_cache="auto")
+    assert other.frame_cache_dir() is None and other.frame_cache is None

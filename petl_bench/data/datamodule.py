@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from petl_bench.data.datasets import DatasetSpec, Items, get_dataset
 from petl_bench.data.datasets._common import SkippedItemsWarning
-from petl_bench.data.frame_cache import CachedVideo, FrameCache
+from petl_bench.data.frame_cache import AUTO_FRAME_CACHE, FRAME_CACHE_DIR, CachedVideo, FrameCache, cache_image_size
 from petl_bench.data.protocol import HOLDOUT, holdout_ids, ids_sha256, items_sha256
 from petl_bench.data.video import FRAME_PROTOCOLS, VideoDecodeError, VideoSource, pad_frames, read_sampled
 from petl_bench.resume import ResumableLoader
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 MISSING_VIDEO_POLICIES = ("skip", "error")
 TRAIN_CAPTION_MODES = ("all", "random_one")
+# frames up to this size are cached for the synthetic set on first use (47 MB at 32 px, 190 MB at 64 px)
+SYNTHETIC_CACHE_MAX_SIZE = 64
 # Loader options the DataModule sets itself from its own arguments (they apply to every dataset).
 _OWNED_OPTIONS = {"train_captions": "data.train_captions"}
 
@@ -327,7 +329,10 @@ class RetrievalDataModule(L.LightningDataModule):
         dataset_options: passed to the dataset's loader; only the options its spec lists are accepted (e.g.
             ``{"missing": "skip"}`` for VATEX ids without captions, ``{"use_list": false}`` for DiDeMo).
         frame_cache: a folder built by ``petl-bench prepare <dataset> --frame-cache DIR``; cached videos are read
-            from it, the others decoded from their files (with a warning saying how many).
+            from it, the others decoded from their files (with a warning saying how many). ``auto``: the data
+            folder's own cache, ``<root>/frame_cache``, when it holds this run's frame size (else every video is
+            decoded, with a warning). The synthetic set builds its own there (``petl-bench synth``, or here on first
+            use at up to 64 px): every frame of every clip, so reading it gives exactly the frames decoding gives.
     """
 
     def __init__(
@@ -407,6 +412,7 @@ class RetrievalDataModule(L.LightningDataModule):
         self.tables: dict[str, SplitTable] = {}
         self._hard_twins: dict[str, dict[str, str]] = {}  # split -> video id -> twin id, read once per split
         self._cache: FrameCache | None = None
+        self._auto_cache_note: str | None = None
         self._cached_counts: dict[str, int] = {}
 
     def tokenize(self, caption: str) -> torch.Tensor:
@@ -419,12 +425,36 @@ class RetrievalDataModule(L.LightningDataModule):
             from petl_bench.data.synthetic import generate_synthetic
 
             generate_synthetic(self.root)
+        if (self.hparams.dataset == "synthetic" and self.hparams.frame_cache == AUTO_FRAME_CACHE
+                and self.image_size <= SYNTHETIC_CACHE_MAX_SIZE and cache_image_size(self.root / FRAME_CACHE_DIR) is None):
+            from petl_bench.data.synthetic import build_frame_cache
+
+            build_frame_cache(self.root, self.image_size)
+
+    def frame_cache_dir(self) -> str | None:
+        """The frame cache folder this run reads (``data.frame_cache`` with ``auto`` resolved), or None."""
+        value = self.hparams.frame_cache
+        if value != AUTO_FRAME_CACHE:
+            return value
+        folder = self.root / FRAME_CACHE_DIR
+        size = cache_image_size(folder)
+        if size == self.image_size:
+            return str(folder)
+        if self._auto_cache_note is None:
+            self._auto_cache_note = (f"no frame cache at {folder}" if size is None
+                                     else f"the frame cache at {folder} holds {size} px frames, not {self.image_size}")
+            log.log(logging.INFO if self.hparams.dataset == "synthetic" else logging.WARNING,
+                    "data.frame_cache=auto: %s; decoding every video (build one with `petl-bench prepare %s --root %s "
+                    "--frame-cache auto --image-size %d`)", self._auto_cache_note, self.hparams.dataset, self.root,
+                    self.image_size)
+        return None
 
     @property
     def frame_cache(self) -> FrameCache | None:
         """The opened frame cache (``data.frame_cache``), or None."""
-        if self.hparams.frame_cache and self._cache is None:
-            self._cache = FrameCache.open(self.hparams.frame_cache, self.hparams.dataset, self.image_size)
+        folder = self.frame_cache_dir()
+        if folder and self._cache is None:
+            self._cache = FrameCache.open(folder, self.hparams.dataset, self.image_size)
             sampling = self._cache.sampling
             if sampling.max_seconds != self.hparams.max_seconds:
                 raise ValueError(
@@ -432,7 +462,7 @@ class RetrievalDataModule(L.LightningDataModule):
                     f"data.max_seconds={self.hparams.max_seconds}; the cache lacks the frames the run would read — "
                     "rebuild it with the same --max-seconds, or unset data.frame_cache"
                 )
-            if sampling.num_frames != self.hparams.num_frames:
+            if sampling.num_frames != self.hparams.num_frames and not self._cache.holds_every_frame():
                 log.warning(
                     "frame cache %s holds the exact evaluation frames for %d frames per video; this run samples %d, "
                     "so each frame is served by the nearest cached one (rebuild with --num-frames %d for exact "
@@ -515,7 +545,7 @@ class RetrievalDataModule(L.LightningDataModule):
                "num_frames": self.hparams.num_frames, "max_words": self.hparams.max_words,
                "max_seconds": self.hparams.max_seconds, "train_caption_sampling": self.hparams.train_captions,
                "image_size": self.image_size, "missing_videos": self.hparams.missing_videos,
-               "dataset_options": dict(self.dataset_options), "frame_cache": self.hparams.frame_cache}
+               "dataset_options": dict(self.dataset_options), "frame_cache": self.frame_cache_dir()}
         out["val_split"] = self.splits["val"]
         for which in ("train", "test", "val"):
             split = self.splits[which]
@@ -578,7 +608,7 @@ class RetrievalDataModule(L.LightningDataModule):
             "video_root": str(self.video_root),
             "frames": {"protocol": self.hparams.frame_protocol, "num_frames": self.hparams.num_frames,
                        "max_seconds": self.hparams.max_seconds, "image_size": self.image_size,
-                       "frame_cache": self.hparams.frame_cache},
+                       "frame_cache": self.frame_cache_dir()},
             "max_words": self.hparams.max_words, "train_caption_sampling": self.hparams.train_captions,
             "validation": ({"split": self.splits["val"], **({"holdout": self.summary()["val_holdout"]}
                                                             if self._holdout is not None else {})}

@@ -55,6 +55,9 @@ CACHE_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "index.jsonl"
 FRAMES_DIR = "frames"
+# ``data.frame_cache: auto`` reads the data folder's own cache, ``<root>/frame_cache`` (`prepare --frame-cache auto`)
+AUTO_FRAME_CACHE = "auto"
+FRAME_CACHE_DIR = "frame_cache"
 
 
 class FrameCacheError(RuntimeError):
@@ -199,6 +202,10 @@ class FrameCache:
             return None  # the video file changed since it was cached
         return entry
 
+    def holds_every_frame(self) -> bool:
+        """Whether every cached video holds all its source frames (then any sampling reads exact frames)."""
+        return all(len(e.indices) == e.source_frames for e in self.entries.values())
+
     def frames_path(self, entry: CachedVideo) -> Path:
         return self.root / entry.file
 
@@ -254,6 +261,15 @@ class FrameCache:
                 f"it with `petl-bench prepare {self.dataset} ... --frame-cache {self.root}` after deleting that file"
             ) from err
         return torch.from_numpy(picked)
+
+
+def cache_image_size(root: str | os.PathLike) -> int | None:
+    """The frame size of the cache in ``root``, or None when ``root`` holds no readable cache of this version."""
+    try:
+        manifest = _read_manifest(Path(root) / MANIFEST_NAME)
+    except (FrameCacheError, OSError):
+        return None
+    return int(manifest["image_size"])
 
 
 def cached_positions(
@@ -400,11 +416,14 @@ def _lines(path: Path) -> Iterator[str]:
 
 
 __all__ = [
+    "AUTO_FRAME_CACHE",
+    "FRAME_CACHE_DIR",
     "CacheSampling",
     "CachedVideo",
     "FrameCache",
     "FrameCacheError",
     "VideoDecodeError",
+    "cache_image_size",
     "cache_video",
     "cached_positions",
     "frames_file_name",

@@ -19,15 +19,22 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from petl_bench.atomic import write_text_atomic
-from petl_bench.data.datasets.synthetic import annotation_file, read_synthetic_annotations
+from petl_bench.data.datasets.synthetic import (  # noqa: F401  (order pairs: re-exported here)
+    annotation_file,
+    order_pair_caption_indices,
+    order_pairs,
+    read_synthetic_annotations,
+)
+from petl_bench.data.frame_cache import FRAME_CACHE_DIR
 
 # Version of the renderer/encoder; bump it when the generated pixels change so cached roots are regenerated.
 GENERATOR_VERSION = 4  # 4: 24-frame clips and test singles (see generate_synthetic)
@@ -270,6 +277,39 @@ def _records_json(records: list[dict]) -> str:
     return "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n]\n"
 
 
+def build_frame_cache(root: str | Path, image_size: int) -> Path:
+    """Decode every clip of a generated set once into ``root/frame_cache`` at ``image_size`` and return that folder.
+
+    Every frame of every clip is stored (24 per clip by default; 47 MB at 32 px), so a run reading the cache
+    (``data.frame_cache: auto``) gets exactly the frames decoding would give, training draws included, for any frame
+    count and either frame protocol. Built in a temporary folder and renamed into place: runs started at the same time
+    never see half a cache; a cache of another frame size is replaced.
+    """
+    from petl_bench.data.frame_cache import CacheSampling, FrameCache, cache_image_size
+
+    root = Path(root)
+    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    target = root / FRAME_CACHE_DIR
+    if cache_image_size(target) == image_size:
+        return target
+    clips = int(manifest["params"]["num_frames"])
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{FRAME_CACHE_DIR}-"))
+    try:
+        cache = FrameCache.create(tmp, "synthetic", image_size, CacheSampling(num_frames=clips, frames_per_segment=1))
+        for video in sorted((root / "videos").glob("*.mp4")):
+            cache.add(video.stem, video)
+        if cache_image_size(target) not in (None, image_size):
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process renamed its cache into place first: keep that one
+            if cache_image_size(target) != image_size:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def default_root() -> Path:
     """Where the default synthetic set lives: ``<cache>/synthetic-v<GENERATOR_VERSION>``."""
     from petl_bench.paths import cache_dir
@@ -340,6 +380,7 @@ def generate_synthetic(
             )
     started = time.perf_counter()
     manifest_path.unlink(missing_ok=True)
+    shutil.rmtree(root / FRAME_CACHE_DIR, ignore_errors=True)  # the frames of the clips about to be replaced
     (root / "videos").mkdir(parents=True, exist_ok=True)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     for stale in (root / "videos").glob("synth_*.mp4"):
@@ -436,34 +477,3 @@ def position_phrase(x: float, y: float, size: int) -> str:
         return f"{'at' if row else 'on'} the {row or column}"
     return "in the centre"
 
-
-# ------------------------------------------------------------------------------------------------------- order pairs
-def _records(items_or_root: str | Path | Iterable[dict], split: str) -> list[dict]:
-    if isinstance(items_or_root, (str, Path)):
-        return read_synthetic_annotations(annotation_file(Path(items_or_root), split))
-    return list(items_or_root)
-
-
-def order_pairs(items_or_root: str | Path | Iterable[dict], split: str = "test") -> list[tuple[int, int]]:
-    """Video positions (in file order) of the order pairs of a split: clips sharing a ``pair_id``, two at a time."""
-    members: dict[str, list[int]] = {}
-    for position, record in enumerate(_records(items_or_root, split)):
-        pair_id = record.get("pair_id")
-        if pair_id is not None:
-            members.setdefault(pair_id, []).append(position)
-    return [(m[0], m[1]) for m in members.values() if len(m) == 2]
-
-
-def order_pair_caption_indices(items_or_root: str | Path | Iterable[dict], split: str = "test") -> list[int]:
-    """Indices, in the flattened caption list (videos in file order, then their captions), of the captions whose
-    video belongs to an order pair: the captions on which order-blind models fail. All of them in a generated test set.
-    """
-    records = _records(items_or_root, split)
-    paired = {position for pair in order_pairs(records) for position in pair}
-    indices, caption_index = [], 0
-    for position, record in enumerate(records):
-        for _ in record["captions"]:
-            if position in paired:
-                indices.append(caption_index)
-            caption_index += 1
-    return indices

@@ -7,12 +7,13 @@ Layout of a generated root (``generate_synthetic(root)`` or ``petl-bench synth``
     root/manifest.json                   # generation parameters, written last
 
 Every test clip has an order twin (the same frames reversed, captioned with the opposite direction), so a method
-that pools frames without their order scores at most half the pairs; `petl_bench.data.synthetic.order_pairs` lists them.
+that pools frames without their order scores at most half the pairs; `order_pairs` lists them.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from petl_bench.data.datasets import DatasetSpec, Items, register_dataset
@@ -79,14 +80,43 @@ def find_video(video_root: Path, video_id: str) -> Path | None:
 
 def order_twins(root: Path, split: str) -> dict[str, str]:
     """video_id -> the id of its time-reversed twin, for every clip of `split` that has one."""
-    from petl_bench.data.synthetic import order_pairs
-
     records = read_synthetic_annotations(annotation_file(root, split))
     twins = {}
     for a, b in order_pairs(records, split):
         twins[records[a]["video_id"]] = records[b]["video_id"]
         twins[records[b]["video_id"]] = records[a]["video_id"]
     return twins
+
+
+def _records(items_or_root: str | Path | Iterable[dict], split: str) -> list[dict]:
+    if isinstance(items_or_root, (str, Path)):
+        return read_synthetic_annotations(annotation_file(Path(items_or_root), split))
+    return list(items_or_root)
+
+
+def order_pairs(items_or_root: str | Path | Iterable[dict], split: str = "test") -> list[tuple[int, int]]:
+    """Video positions (in file order) of the order pairs of a split: clips sharing a ``pair_id``, two at a time."""
+    members: dict[str, list[int]] = {}
+    for position, record in enumerate(_records(items_or_root, split)):
+        pair_id = record.get("pair_id")
+        if pair_id is not None:
+            members.setdefault(pair_id, []).append(position)
+    return [(m[0], m[1]) for m in members.values() if len(m) == 2]
+
+
+def order_pair_caption_indices(items_or_root: str | Path | Iterable[dict], split: str = "test") -> list[int]:
+    """Indices, in the flattened caption list (videos in file order, then their captions), of the captions whose
+    video belongs to an order pair: the captions on which order-blind models fail. All of them in a generated test set.
+    """
+    records = _records(items_or_root, split)
+    paired = {position for pair in order_pairs(records) for position in pair}
+    indices, caption_index = [], 0
+    for position, record in enumerate(records):
+        for _ in record["captions"]:
+            if position in paired:
+                indices.append(caption_index)
+            caption_index += 1
+    return indices
 
 
 SYNTHETIC = register_dataset(

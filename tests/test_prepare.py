@@ -175,6 +175,29 @@ def test_frame_cache_defaults_come_from_the_dataset_config_and_a_torn_build_resu
     assert set(FrameCache.open(cache_dir).entries) == set(ids["test"])
 
 
+def test_frame_cache_auto_is_the_data_folders_own(tmp_path, caplog):
+    """``prepare --frame-cache auto`` builds <root>/frame_cache, which ``data.frame_cache: auto`` then reads; a run at
+    another frame size decodes, saying so."""
+    from petl_bench.data.datamodule import RetrievalDataModule
+
+    ids = build_didemo(tmp_path / "didemo")
+    root = tmp_path / "didemo"
+    dm = RetrievalDataModule("didemo", root=str(root), backbone="petl-tiny-vit", num_frames=4, num_workers=0,
+                             max_seconds=30, frame_cache="auto")
+    with caplog.at_level("WARNING"):
+        assert dm.frame_cache_dir() is None
+    assert "no frame cache at" in caplog.text and "--frame-cache auto --image-size 32" in caplog.text
+    code, report = prepare("didemo", "--root", str(root), "--split", "test", "--frame-cache", "auto",
+                           "--image-size", "32", report=tmp_path / "r.json")
+    assert code == 0 and report["frame_cache"]["dir"] == str(root / "frame_cache")
+    dm = RetrievalDataModule("didemo", root=str(root), backbone="petl-tiny-vit", num_frames=4, num_workers=0,
+                             max_seconds=30, frame_cache="auto")
+    assert dm.frame_cache_dir() == str(root / "frame_cache") and set(dm.frame_cache.entries) == set(ids["test"])
+    other = RetrievalDataModule("didemo", root=str(root), backbone="petl-tiny-vit", image_size=48, num_frames=4,
+                                num_workers=0, frame_cache="auto")
+    assert other.frame_cache_dir() is None
+
+
 @pytest.mark.slow  # starting the worker processes (spawn: each imports torch) takes 5-30 s on a busy 2-core machine
 def test_frame_cache_with_worker_processes_matches_one_process(tmp_path):
     build_vatex(tmp_path / "vatex", n_train=2, n_val=1, n_test=3, absent=0)

@@ -34,7 +34,14 @@ import yaml
 from petl_bench.atomic import write_text_atomic
 from petl_bench.data.datasets import DatasetSpec, dataset_names, get_dataset
 from petl_bench.data.datasets._common import AnnotationError, AnnotationFileNotFoundError, check_videos
-from petl_bench.data.frame_cache import CacheSampling, FrameCache, FrameCacheError, cache_video
+from petl_bench.data.frame_cache import (
+    AUTO_FRAME_CACHE,
+    FRAME_CACHE_DIR,
+    CacheSampling,
+    FrameCache,
+    FrameCacheError,
+    cache_video,
+)
 from petl_bench.data.video import VideoDecodeError, VideoSource
 from petl_bench.paths import CONFIG_DIR
 
@@ -317,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "check (default: the dataset config's, else skip)")
     p.add_argument("--check-decode", action="store_true",
                    help="open every present video and decode its first, middle and last frames")
-    p.add_argument("--frame-cache", default=None, metavar="DIR", help="build (or complete) the frame cache in DIR")
+    p.add_argument("--frame-cache", default=None, metavar="DIR", help="build (or complete) the frame cache in DIR; auto: <root>/frame_cache, which runs read with "
+                        "data.frame_cache=auto")
     p.add_argument("--image-size", type=int, default=224, help="cached frame size (the backbone's input size)")
     p.add_argument("--num-frames", type=int, default=None,
                    help="frames per video whose evaluation frames the cache holds exactly (default: the dataset "
@@ -343,6 +351,8 @@ def prepare_command(argv: list[str]) -> int:
     options = dict(defaults.get("dataset_options") or {})
     options.update(dict(a.option))
     sampling = None
+    if a.frame_cache == AUTO_FRAME_CACHE:  # the folder `data.frame_cache: auto` reads
+        a.frame_cache = str(Path(a.root).expanduser() / FRAME_CACHE_DIR)
     if a.frame_cache is not None:
         num_frames = a.num_frames or int(defaults.get("num_frames") or 12)
         max_seconds = a.max_seconds if a.max_seconds is not None else defaults.get("max_seconds")

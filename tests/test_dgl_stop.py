@@ -111,3 +111,46 @@ def test_video_embedding_is_one_vector_and_text_prompts_fit():
     assert v.shape == (2, 1, module.clip.embed_dim) and t.shape == (2, module.clip.embed_dim)
     with pytest.raises(ValueError, match="text_prompt_length"):
         build_method("dgl_linear", backbone="petl-tiny-vit", pretrained=None, text_prompt_length=6)
+
+
+@pytest.mark.parametrize(("cin", "cout", "kernel", "size"), [
+    ((3, 2, (3, 11, 11), (4, 9, 12))),  # the pixel CNN's kernel on frames smaller than it
+    ((1, 1, (5, 11, 11), (3, 5, 7))),  # a scorer's kernel, more frames of padding than frames
+    ((2, 3, (3, 15, 25), (4, 16, 20))),  # the inter-frame kernel over (frames, patches, width)
+])
+def test_fft_convolution_is_nn_conv3d(cin, cout, kernel, size):
+    """STOP's convolutions on CPU (`SameConv3d`, impl fft): the same map and gradients as nn.Conv3d, in fp64."""
+    from petl_bench.methods.stop import SameConv3d
+
+    torch.manual_seed(0)
+    direct = SameConv3d(cin, cout, kernel, "direct").double()
+    fft = SameConv3d(cin, cout, kernel, "fft").double()
+    fft.load_state_dict(direct.state_dict())
+    x = torch.randn(2, cin, *size, dtype=torch.float64, requires_grad=True)
+    y = direct(x)
+    go = torch.randn_like(y)
+    expected = (y.detach(), *torch.autograd.grad(y, (x, direct.weight, direct.bias), go))
+    y = fft(x)
+    got = (y.detach(), *torch.autograd.grad(y, (x, fft.weight, fft.bias), go))
+    for what, a, b in zip(("output", "grad x", "grad weight", "grad bias"), got, expected):
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-12, what
+
+
+def test_stop_conv_impls_agree():
+    """``conv_impl`` changes how, not what: STOP's video embedding and gradients agree between fft and direct (fp64)."""
+    results = []
+    for impl in ("fft", "direct"):
+        torch.manual_seed(0)
+        module = build_method("stop", backbone="petl-tiny-vit", pretrained=None, num_frames=4, conv_impl=impl)
+        module = module.double().eval()  # dropout off: the same function twice
+        video, mask, _ = batch(module, B=2)
+        v = module.encode_video(video, mask)
+        v.square().sum().backward()
+        results.append((v.detach(), {n: p.grad for n, p in module.named_parameters() if p.grad is not None}))
+    (v_fft, g_fft), (v_direct, g_direct) = results
+    assert float((v_fft - v_direct).abs().max() / v_direct.abs().max()) < 1e-10
+    assert g_fft.keys() == g_direct.keys() and any(n.startswith("temporal.pixel_conv.") for n in g_fft)
+    # against the largest gradient: some are zero in exact arithmetic (a bias shift the next LayerNorm removes)
+    scale = max(float(g.abs().max()) for g in g_direct.values())
+    for n in g_fft:
+        assert float((g_fft[n] - g_direct[n]).abs().max()) <= 1e-10 * scale, n

@@ -50,7 +50,7 @@ Differences from the release (what the suite does and its expected effect):
 topic                 release (scripts/msrvtt.sh, main.py)          suite
 ====================  ===========================================  ==============================================
 precision             CLIP and the prompt modules' Linear layers   fp32 weights; the Trainer's precision (AMP
-                      cast to fp16, AMP + GradScaler               bf16 on GPU). Parity is checked in fp32.
+                      cast to fp16, AMP + GradScaler               bf16 on GPU). Parity is checked in fp64.
 optimiser             AdamW β (0.9, 0.98), ε 1e-6, lr 2e-3, wd     same; weight decay on every trainable tensor but
                       0.2 on every trainable tensor whose name     biases (as released, LayerNorm gains and prompt
                       lacks "bias" (LayerNorm gains included)      embeddings are decayed too)

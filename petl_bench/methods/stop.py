@@ -50,12 +50,17 @@ frame weight          min-max over the whole batch (B × T): a       same (as re
                       video's embedding depends on its batch         a video vary slightly with the eval batch
 pixel prompt          added to the normalised frames before conv1   conv1(p) added to the patch tokens (conv1 is
                                                                     linear, no bias: the same up to rounding)
+3-D convolutions      nn.Conv3d                                     ``conv_impl: auto``: nn.Conv3d on GPU, the same
+                                                                    map through FFTs on CPU (`SameConv3d`: a
+                                                                    synthetic-bench step 15.7 s → 1.3 s on one
+                                                                    core; differs by rounding only)
 QB-Norm               same search script as DGL (grid search on      not used
                       the test similarity)
 ====================  ============================================  =============================================
 
-Golden parity: tests/test_parity_dgl_stop.py (fixture tests/fixtures/parity/stop.json: the release run on a seeded
-CLIP with the release's image geometry, 2 image layers, a 12-layer narrow text tower).
+Golden parity: tests/test_parity_dgl_stop.py (fixture tests/fixtures/parity/stop.json: the release run in fp64 on a
+seeded CLIP with the release's image geometry, 2 image layers, a 12-layer narrow text tower; every output and gradient
+within 1e-5).
 """
 
 from __future__ import annotations
@@ -70,15 +75,80 @@ PROMPT_SCALE = 0.05  # the release scales both prompts by 0.05
 SIDE_SCALE = 0.1  # and the side branch by 0.1
 
 
-def conv3d(cin: int, cout: int, kernel: tuple[int, int, int]) -> nn.Conv3d:
-    return nn.Conv3d(cin, cout, kernel, padding=tuple((k - 1) // 2 for k in kernel))
+CONV_IMPLS = ("auto", "fft", "direct")
+
+
+def fft_size(n: int) -> int:
+    """The smallest 2^a·3^b·5^c >= n (sizes the FFT is fast at)."""
+    while True:
+        m = n
+        for f in (2, 3, 5):
+            while m % f == 0:
+                m //= f
+        if m == 1:
+            return n
+        n += 1
+
+
+def spectral_matmul(xf: torch.Tensor, wf: torch.Tensor) -> torch.Tensor:
+    """Σ_c xf[b, c, f] · wf[o, c, f] for complex spectra, as one real batched matmul over frequencies (a complex bmm
+    of tiny matrices runs as a loop of small products on CPU): with (re, im) interleaved, x_c ↦ [Re x_c, Im x_c] and
+    w_oc ↦ [[Re w, Im w], [−Im w, Re w]]."""
+    B, O, freq = xf.shape[0], wf.shape[0], xf.shape[2:]
+    x = torch.view_as_real(xf.flatten(2).permute(2, 0, 1).contiguous()).flatten(2)  # (F, B, 2C)
+    w = wf.flatten(2).permute(2, 1, 0)  # (F, C, O)
+    re = torch.stack([w.real, w.imag], dim=-1).flatten(2)  # row Re x_c: (Re w, Im w) per output
+    im = torch.stack([-w.imag, w.real], dim=-1).flatten(2)  # row Im x_c: (−Im w, Re w)
+    y = torch.bmm(x, torch.stack([re, im], dim=2).flatten(1, 2))  # (F, B, 2·O)
+    y = torch.view_as_complex(y.view(*y.shape[:2], O, 2))
+    return y.permute(1, 2, 0).reshape(B, O, *freq)
+
+
+def fft_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv3d(x, weight, bias, padding=(k - 1) // 2)`` for odd kernels and stride 1, through FFTs: the same linear
+    map (cross-correlation with zero padding) as a product of spectra. Per axis the grid is >= n + (k − 1) / 2: the
+    full convolution (length n + k − 1) then wraps only into the first (k − 1) / 2 outputs, which are cropped away.
+    Autograd differentiates it like any other op."""
+    size, kernel = x.shape[2:], weight.shape[2:]
+    pad = [(k - 1) // 2 for k in kernel]
+    grid = [fft_size(n + p) for n, p in zip(size, pad)]
+    dims = (-3, -2, -1)
+    xf = torch.fft.rfftn(x, s=grid, dim=dims)
+    wf = torch.fft.rfftn(weight.flip(dims), s=grid, dim=dims)  # flipped: a convolution, cropped below, is the correlation
+    y = torch.fft.irfftn(spectral_matmul(xf, wf), s=grid, dim=dims)
+    y = y[..., pad[0]:pad[0] + size[0], pad[1]:pad[1] + size[1], pad[2]:pad[2] + size[2]]
+    return y if bias is None else y + bias.view(1, -1, 1, 1, 1)
+
+
+class SameConv3d(nn.Conv3d):
+    """The release's Conv3d (odd kernel, padding (k − 1) / 2, stride 1). ``impl``: ``direct`` is ``nn.Conv3d``;
+    ``fft`` computes the same map through FFTs (`fft_conv3d`); ``auto`` takes ``fft`` on CPU in fp32/fp64 and
+    ``direct`` elsewhere. Why: on a CPU these 11×11 and 15×25 kernels are the whole cost of a STOP step (oneDNN's
+    direct kernels are slow for 1 in/out channel and in backward), while the spectral product is small; both agree
+    to rounding (fp32: direct ~1e-6, FFT ~2e-7 relative to an fp64 reference, measured), a GPU's cuDNN picks its own."""
+
+    def __init__(self, cin: int, cout: int, kernel: tuple[int, int, int], impl: str = "auto"):
+        super().__init__(cin, cout, kernel, padding=tuple((k - 1) // 2 for k in kernel))
+        if impl not in CONV_IMPLS:
+            raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fft = self.impl == "fft" or (self.impl == "auto" and x.device.type == "cpu"
+                                     and x.dtype in (torch.float32, torch.float64))
+        return fft_conv3d(x, self.weight, self.bias) if fft else super().forward(x)
 
 
 class SpatioTemporalPrompts(nn.Module):
     """STOP's prompt module: pixel prompts with their spatial mask, and inter-frame prompt tokens."""
 
-    def __init__(self, width: int, grid: int, prompt_length: int, eta: int = 6, dropout: float = 0.5):
+    def __init__(self, width: int, grid: int, prompt_length: int, eta: int = 6, dropout: float = 0.5,
+                 conv_impl: str = "auto"):
         super().__init__()
+
+        def conv3d(cin: int, cout: int, kernel: tuple[int, int, int]) -> SameConv3d:
+            return SameConv3d(cin, cout, kernel, conv_impl)
+
         k = (3, 11, 11)
         self.pixel_conv = nn.Sequential(conv3d(3, 9, k), conv3d(9, 9, k), nn.PReLU(), conv3d(9, 9, k), nn.PReLU(),
                                         conv3d(9, 16, k))
@@ -97,7 +167,8 @@ class SpatioTemporalPrompts(nn.Module):
         """Normalised frames (B, T, 3, H, W) → bool (B, T, grid, grid): the η best cells of the score map."""
         B, T, _, H, W = x.shape
         g = self.grid
-        score = self.pixel_score(x.transpose(1, 2)).squeeze(1)  # (B, T, H, W)
+        with torch.no_grad():  # a hard threshold follows: no gradient, so no graph to keep
+            score = self.pixel_score(x.transpose(1, 2)).squeeze(1)  # (B, T, H, W)
         cells = score.reshape(B, T, H // g, g, W // g, g).mean(dim=(2, 4))  # the release's strided lattice
         bar = cells.reshape(B, T, -1).sort(dim=2, descending=True)[0][:, :, self.eta]
         return cells > bar[:, :, None, None]
@@ -140,15 +211,17 @@ class STOP(DGL):
         side_rank: width of the side branch in every block (32); 0 removes it (not the release).
         eta: spatial-mask cells kept per frame (6).
         prompt_dropout: dropout of the pixel prompt in training (0.5).
+        conv_impl: how the prompt module's 3-D convolutions are computed: ``auto`` (FFT on CPU, ``nn.Conv3d``
+            elsewhere), ``fft`` or ``direct``; the same maths either way (`SameConv3d`).
         lr: the release's 1e-3.
     """
 
     def __init__(self, side_rank: int = 32, eta: int = 6, prompt_dropout: float = 0.5, lr: float = 1e-3,
-                 **kwargs):
+                 conv_impl: str = "auto", **kwargs):
         super().__init__(lr=lr, **kwargs)
         vis_w, text_w = self.clip.visual_width, self.clip.text_width
         grid = self.clip.image_size // self.clip.visual.conv1.kernel_size[0]
-        self.temporal = SpatioTemporalPrompts(vis_w, grid, self.local_prompt_length, eta, prompt_dropout)
+        self.temporal = SpatioTemporalPrompts(vis_w, grid, self.local_prompt_length, eta, prompt_dropout, conv_impl)
         self.side_rank = side_rank
         if side_rank > 0:
             self.visual_side = nn.ModuleList(side_branch(vis_w, side_rank) for _ in self.clip.visual_blocks)

@@ -84,6 +84,9 @@ class CLIPHooks:
     activation_checkpointing: bool = False  # recompute blocks in the backward pass instead of storing activations
     compile_blocks: bool = False  # regional torch.compile of each block hook
     compile_backend: str = "inductor"  # torch.compile's backend ("eager" / "aot_eager": tracing without codegen)
+    # inductor's mode: "reduce-overhead" replays each block's kernels as a CUDA graph on a GPU (static shapes:
+    # dynamic=False; on a CPU it compiles as "default"), "max-autotune" also benchmarks kernel choices
+    compile_mode: str = "default"
 
     def grad_start(self, tower: str) -> int:
         """Index of the first block of ``tower`` whose forward involves a tensor that trains. Default 0 (every
@@ -269,7 +272,8 @@ def _block_function(hooks: CLIPHooks, tower: str) -> Callable:
                 setattr(config, name, max(getattr(config, name), _COMPILE_RECOMPILE_LIMIT))
         if hasattr(config, "accumulated_recompile_limit"):
             config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * _COMPILE_RECOMPILE_LIMIT)
-        compiled[tower] = torch.compile(hook, dynamic=False, backend=hooks.compile_backend)
+        mode = hooks.compile_mode if hooks.compile_backend == "inductor" else None  # a mode is inductor's
+        compiled[tower] = torch.compile(hook, dynamic=False, backend=hooks.compile_backend, mode=mode)
     return compiled[tower]
 
 

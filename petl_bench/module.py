@@ -106,6 +106,7 @@ CLIP_OUTSIDE_BLOCKS = ("clip.model.visual.conv1.", "clip.model.visual.class_embe
 BLOCK_PREFIXES = {"visual": "clip.model.visual.transformer.resblocks.", "text": "clip.model.transformer.resblocks."}
 
 LR_SCHEDULES = ("warmup_cosine", "cosine_after_warmup")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # inductor's modes (module option compile_mode)
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup_ratio: float) -> float:
@@ -147,6 +148,8 @@ class RetrievalModule(CLIPHooks, L.LightningModule):
             their activations (less memory, about one more forward of time; same values and gradients).
         compile: regional ``torch.compile`` of each block hook (`petl_bench.backbone.run_blocks`); same values within
             floating-point reassociation.
+        compile_mode: inductor's mode for ``compile``: ``default``, ``reduce-overhead`` (each block replayed as a CUDA
+            graph on a GPU, where a step is many small kernels; shapes are static) or ``max-autotune``.
     """
 
     def __init__(
@@ -168,6 +171,7 @@ class RetrievalModule(CLIPHooks, L.LightningModule):
         max_logit_scale: float = 100.0,
         activation_checkpointing: bool = False,
         compile: bool = False,
+        compile_mode: str = "default",
     ):
         super().__init__()
         if similarity not in SIMILARITY_HEADS:
@@ -182,7 +186,10 @@ class RetrievalModule(CLIPHooks, L.LightningModule):
         self.max_words = max_words
         self.similarity_head = similarity
         self.activation_checkpointing = activation_checkpointing
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
         self.compile_blocks = compile
+        self.compile_mode = compile_mode
         # Frozen layers never change, so a checkpoint need not carry them; loading restores only what trains.
         self.strict_loading = False
 

@@ -125,6 +125,7 @@ def build(method: str, spec: dict, device: torch.device):
         options["activation_checkpointing"] = True
     if spec.get("compile"):
         options["compile"] = True
+        options["compile_mode"] = spec.get("compile_mode", "default")
     model = build_method(method, **options).to(device)
     model.mark_trainable()
     return model
@@ -414,6 +415,7 @@ def machine(spec: dict) -> dict:
             "frames": spec["frames"], "words": spec["words"], "threads": spec["threads"],
             "backbone": spec["backbone"], "steps": spec["steps"], "warmup": spec["warmup"],
             "activation_checkpointing": spec["activation_checkpointing"], "compile": spec["compile"],
+            "compile_mode": spec.get("compile_mode", "default") if spec["compile"] else None,
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
@@ -496,6 +498,8 @@ def perf_command(argv: list[str]) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the block hooks")
+    p.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
+                   help="inductor's mode with --compile (reduce-overhead: CUDA graphs on a GPU)")
     p.add_argument("--eval-sizes", type=int, nargs="*", default=list(DEFAULT_EVAL_SIZES),
                    help="videos (= captions) for the evaluation rows; none to skip")
     p.add_argument("--eval-heads", nargs="*", default=["meanP", "text_conditioned"])
@@ -521,7 +525,7 @@ def perf_command(argv: list[str]) -> int:
             "precision": a.precision or ("bf16" if device.type == "cuda" else "fp32"), "steps": a.steps,
             "warmup": a.warmup, "threads": a.threads, "device": a.device,
             "activation_checkpointing": a.activation_checkpointing, "compile": a.compile,
-            "eval_chunk": a.eval_chunk, "eval_max_chunks": a.eval_max_chunks, "loader_clips": a.loader_clips, "loader_repeats": a.loader_repeats}
+            "compile_mode": a.compile_mode, "eval_chunk": a.eval_chunk, "eval_max_chunks": a.eval_max_chunks, "loader_clips": a.loader_clips, "loader_repeats": a.loader_repeats}
 
     def progress(what: str) -> None:
         print(f"[perf] {what}", file=sys.stderr, flush=True)

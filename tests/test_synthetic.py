@@ -254,3 +254,15 @@ def test_the_auto_frame_cache_serves_exactly_the_decoded_frames(tmp_path):
     other = RetrievalDataModule("synthetic", root=str(root), backbone="petl-tiny-vit", image_size=48, num_frames=4,
                                 num_workers=0, frame_cache="auto")
     assert other.frame_cache_dir() is None and other.frame_cache is None
+
+
+def test_the_synthetic_frame_cache_leaves_out_a_clip_it_cannot_decode(tmp_path):
+    """A damaged clip is not cached: the run reaches it by decoding and fails (or skips it) as without a cache."""
+    from petl_bench.data.frame_cache import FrameCache
+    from petl_bench.data.synthetic import build_frame_cache
+
+    root = generate_synthetic(tmp_path / "set", num_train=4, num_test=4, test_singles=0, num_frames=8, size=32)
+    broken = sorted((root / "videos").glob("*.mp4"))[0]
+    broken.write_bytes(b"\x00not a video" * 10)
+    cache = FrameCache.open(build_frame_cache(root, 32), "synthetic", 32)
+    assert len(cache) == 7 and broken.stem not in cache

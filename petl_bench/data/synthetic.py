@@ -283,9 +283,10 @@ def build_frame_cache(root: str | Path, image_size: int) -> Path:
     Every frame of every clip is stored (24 per clip by default; 47 MB at 32 px), so a run reading the cache
     (``data.frame_cache: auto``) gets exactly the frames decoding would give, training draws included, for any frame
     count and either frame protocol. Built in a temporary folder and renamed into place: runs started at the same time
-    never see half a cache; a cache of another frame size is replaced.
+    never see half a cache; a cache of another frame size is replaced. A clip that cannot be decoded is left out, so a
+    run meets it (and fails on it, or skips it) exactly as it would without the cache.
     """
-    from petl_bench.data.frame_cache import CacheSampling, FrameCache, cache_image_size
+    from petl_bench.data.frame_cache import CacheSampling, FrameCache, VideoDecodeError, cache_image_size
 
     root = Path(root)
     manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
@@ -297,7 +298,10 @@ def build_frame_cache(root: str | Path, image_size: int) -> Path:
     try:
         cache = FrameCache.create(tmp, "synthetic", image_size, CacheSampling(num_frames=clips, frames_per_segment=1))
         for video in sorted((root / "videos").glob("*.mp4")):
-            cache.add(video.stem, video)
+            try:
+                cache.add(video.stem, video)
+            except VideoDecodeError:  # left out: a run decodes it and fails on it where it would without a cache
+                continue
         if cache_image_size(target) not in (None, image_size):
             shutil.rmtree(target, ignore_errors=True)
         try:

@@ -262,7 +262,7 @@ def test_the_synthetic_frame_cache_leaves_out_a_clip_it_cannot_decode(tmp_path):
     from petl_bench.data.synthetic import build_frame_cache
 
     root = generate_synthetic(tmp_path / "set", num_train=4, num_test=4, test_singles=0, num_frames=8, size=32)
-    broken = sorted((root / "videos").glob("*.mp4"))[0]
+    broken = min((root / "videos").glob("*.mp4"))
     broken.write_bytes(b"\x00not a video" * 10)
     cache = FrameCache.open(build_frame_cache(root, 32), "synthetic", 32)
     assert len(cache) == 7 and broken.stem not in cache

@@ -451,10 +451,11 @@ def auto_parallel() -> int:
     return max(1, cores or 1)
 
 
-def parse_parallel(value: str) -> int:
-    """``--parallel``: a count of runs at once, or ``auto`` (`auto_parallel`)."""
+def parse_parallel(value: str) -> int | str:
+    """``--parallel``: a count of runs at once, or ``auto`` (resolved by `SweepRunner` with `auto_parallel`, so that a
+    dry run or a SLURM launch never queries the local GPUs)."""
     if value == "auto":
-        return auto_parallel()
+        return value
     try:
         count = int(value)
     except ValueError:
@@ -484,10 +485,11 @@ class SweepRunner:
     run's modules once (``server``, or one this runner starts for its `run`); ``fresh``: each run a new interpreter.
     """
 
-    def __init__(self, runs: Sequence[Run], parallel: int = 1, force: bool = False, console=None,
+    def __init__(self, runs: Sequence[Run], parallel: int | str = 1, force: bool = False, console=None,
                  start: str | None = None, server: ForkServer | None = None):
         from rich.console import Console
 
+        parallel = auto_parallel() if parallel == "auto" else parallel
         if parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {parallel}")
         start = start or default_start()
@@ -739,7 +741,7 @@ def prepare(spec: SweepSpec, server: ForkServer | None = None) -> None:
         raise subprocess.CalledProcessError(returncode, ["petl-bench", *argv])
 
 
-def run_sweep(spec: SweepSpec, results: str | Path = "results", parallel: int = 1, force: bool = False,
+def run_sweep(spec: SweepSpec, results: str | Path = "results", parallel: int | str = 1, force: bool = False,
               dry_run: bool = False, report: bool = True, out=None, launcher: str = "local",
               slurm: dict | None = None, start: str | None = None) -> int:
     """Expand, (print or) run, then write each dataset's report. Returns 0, or 1 when a run failed.
@@ -763,7 +765,7 @@ def run_sweep(spec: SweepSpec, results: str | Path = "results", parallel: int = 
         return _run_sweep(spec, runs, results, parallel, force, report, out, launcher, slurm, start, server)
 
 
-def _run_sweep(spec: SweepSpec, runs: list[Run], results: str | Path, parallel: int, force: bool, report: bool,
+def _run_sweep(spec: SweepSpec, runs: list[Run], results: str | Path, parallel: int | str, force: bool, report: bool,
                out, launcher: str, slurm: dict | None, start: str, server: ForkServer | None) -> int:
     if any(force or not r.result.exists() for r in runs):
         prepare(spec, server)

@@ -452,8 +452,8 @@ class RetrievalDataModule(L.LightningDataModule):
     @property
     def frame_cache(self) -> FrameCache | None:
         """The opened frame cache (``data.frame_cache``), or None."""
-        folder = self.frame_cache_dir()
-        if folder and self._cache is None:
+        folder = self.frame_cache_dir() if self._cache is None else None
+        if folder:
             self._cache = FrameCache.open(folder, self.hparams.dataset, self.image_size)
             sampling = self._cache.sampling
             if sampling.max_seconds != self.hparams.max_seconds:

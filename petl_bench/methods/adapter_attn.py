@@ -41,7 +41,24 @@ class HoulsbyAdapter(nn.Module):
         return h + self.up(self.act(self.down(h)))
 
 
-class AdapterAttn(RetrievalModule):
+class BlockAdapters(RetrievalModule):
+    """A method with one adapter per block of each tower (``visual_adapters[i]``, ``text_adapters[i]``), all of
+    them trainable; a subclass says in `adapted_block` how a block uses its adapter."""
+
+    def adapted_block(self, block: nn.Module, x: torch.Tensor, ctx: ForwardContext, adapter: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    def visual_block(self, i: int, block: nn.Module, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.adapted_block(block, x, ctx, self.visual_adapters[i])
+
+    def text_block(self, i: int, block: nn.Module, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.adapted_block(block, x, ctx, self.text_adapters[i])
+
+    def is_trainable(self, name: str) -> bool:
+        return name.startswith(("visual_adapters.", "text_adapters."))
+
+
+class AdapterAttn(BlockAdapters):
     """Frozen CLIP + one sequential bottleneck adapter after the attention branch of every block of both towers.
 
     Args:
@@ -63,22 +80,13 @@ class AdapterAttn(RetrievalModule):
                                            for _ in self.clip.text_blocks)
         with torch.no_grad():
             for name, param in self.named_parameters():
-                if not name.startswith(("visual_adapters.", "text_adapters.")):
+                if not self.is_trainable(name):
                     continue
                 if name.endswith("bias") or (".up." in name and up_init == "zero"):
                     nn.init.zeros_(param)
                 else:
                     nn.init.trunc_normal_(param, std=init_std, a=-2 * init_std, b=2 * init_std)
 
-    def _block(self, block: nn.Module, x: torch.Tensor, ctx: ForwardContext, adapter: HoulsbyAdapter) -> torch.Tensor:
+    def adapted_block(self, block: nn.Module, x: torch.Tensor, ctx: ForwardContext, adapter: nn.Module) -> torch.Tensor:
         x = x + adapter(attention_part(block, x, ctx.attn_mask))
         return x + mlp_part(block, x)
-
-    def visual_block(self, i: int, block: nn.Module, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self._block(block, x, ctx, self.visual_adapters[i])
-
-    def text_block(self, i: int, block: nn.Module, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self._block(block, x, ctx, self.text_adapters[i])
-
-    def is_trainable(self, name: str) -> bool:
-        return name.startswith(("visual_adapters.", "text_adapters."))

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from petl_bench.backbone import ForwardContext, attention_part, mlp_part
-from petl_bench.module import RetrievalModule
+from petl_bench.methods.adapter_attn import BlockAdapters
 
 
 class ParallelAdapter(nn.Module):
@@ -50,7 +50,7 @@ class ParallelAdapter(nn.Module):
         return self.up(z) * self.scale
 
 
-class AdapterFFN(RetrievalModule):
+class AdapterFFN(BlockAdapters):
     """Frozen CLIP + AdaptFormer's parallel MLP adapter in every block of both towers.
 
     Args:
@@ -69,15 +69,6 @@ class AdapterFFN(RetrievalModule):
         self.text_adapters = nn.ModuleList(ParallelAdapter(self.clip.text_width, bottleneck, scale, dropout)
                                            for _ in self.clip.text_blocks)
 
-    def _block(self, block: nn.Module, x: torch.Tensor, ctx: ForwardContext, adapter: ParallelAdapter) -> torch.Tensor:
+    def adapted_block(self, block: nn.Module, x: torch.Tensor, ctx: ForwardContext, adapter: nn.Module) -> torch.Tensor:
         x = x + attention_part(block, x, ctx.attn_mask)
         return x + mlp_part(block, x) + adapter(x)  # the adapter reads x before LN2, in parallel to the MLP
-
-    def visual_block(self, i: int, block: nn.Module, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self._block(block, x, ctx, self.visual_adapters[i])
-
-    def text_block(self, i: int, block: nn.Module, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self._block(block, x, ctx, self.text_adapters[i])
-
-    def is_trainable(self, name: str) -> bool:
-        return name.startswith(("visual_adapters.", "text_adapters."))
